@@ -18,10 +18,12 @@ from typing import Any
 
 import yaml
 
+from sift_llm.errors import UserError
+
 _MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is unknown, missing, mistyped or out of range."""
 
 

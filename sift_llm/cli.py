@@ -1,0 +1,44 @@
+"""The ``sift-llm`` command: one subcommand per stage, each runnable on its own."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sift_llm import __version__
+from sift_llm.errors import UserError
+
+# Each module under sift_llm.commands defines register(subparsers); heavy imports stay inside run().
+COMMANDS = ["assets", "data", "train", "eval", "report", "bench", "analyze", "config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sift-llm",
+        description="Instruction tuning with Sparse Increment Fine-Tuning (SIFT): data -> train -> eval.",
+    )
+    parser.add_argument("--version", action="version", version=f"sift-llm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"sift_llm.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"sift_llm.commands.{name}":
+                continue  # a stage not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"sift-llm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
