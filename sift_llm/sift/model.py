@@ -76,7 +76,11 @@ class SiftHandle:
         return sparse + list(self.dense_parameters().items())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer trains: every non-empty values vector plus the dense modules' parameters."""
+        """What the optimizer trains: every non-empty values vector plus the dense modules' parameters.
+
+        AdamW weight decay on the values shrinks the increment, i.e. pulls the weights toward the base
+        model rather than toward zero as in full fine-tuning; use weight_decay=0 to match full fine-tuning.
+        """
         return [param for _, param in self.named_trainable_parameters()]
 
     def increments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
