@@ -103,7 +103,7 @@ class SiftHandle:
             with torch.no_grad():
                 layer.values.copy_(values.reshape(-1).to(device=layer.values.device, dtype=layer.values.dtype))
 
-    def memory_report(self, optimizer: str = "adamw", master_dtype: torch.dtype = torch.float32) -> StateReport:
+    def memory_report(self, optimizer: str = "adamw", master_dtype: torch.dtype | None = torch.float32) -> StateReport:
         """Bytes of trainable state; see :func:`sift_llm.sift.memory.trainable_state_report`."""
         return trainable_state_report(self, optimizer=optimizer, master_dtype=master_dtype)
 
