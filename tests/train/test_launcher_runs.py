@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import launch, metrics
+from train_support import launch, metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, metrics
+from train_support import REPO, metrics
 
 pytestmark = pytest.mark.slow
 
