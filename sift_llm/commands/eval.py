@@ -12,7 +12,7 @@ Run mode:  sift-llm eval RUN_DIR [options]
   Reads RUN_DIR/config.yaml (model.path and the eval: section; options below override it), evaluates the
   base model (results cached by fingerprint, so reruns skip it) and the tuned model (RUN_DIR/adapter applied
   in memory, SIFT or LoRA, else RUN_DIR/merged), and writes RUN_DIR/eval/{base,tuned}/results.json,
-  RUN_DIR/report.md, summary.json and PNG charts. Prints the report path.
+  RUN_DIR/report.md, eval_summary.json and PNG charts. Prints the report path.
 
 Free-form: sift-llm eval --model DIR [--adapter DIR | --base DIR] [options] --output OUT
   Without a reference model: OUT/results.json. With --adapter (compared against --model) or --base (a base

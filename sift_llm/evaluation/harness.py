@@ -509,8 +509,9 @@ def evaluate_base(
             log(f"eval: ignoring unreadable cached base results ({err})")
     if results is not None:
         log(f"eval: base model {model_dir}: reusing cached results {cached_path} (fingerprint {key}); skipped")
-        results.setdefault("sift_llm", {})["cached"] = True
-        results["sift_llm"]["cache_path"] = str(cached_path)
+        stamp = results.setdefault("sift_llm", {})
+        # same fingerprint, same files: report the directory asked for, not where it was first evaluated
+        stamp.update(cached=True, cache_path=str(cached_path), model=str(model_dir))
     else:
         log(f"eval: base model {model_dir}: no cached results for fingerprint {key}; evaluating")
         results = evaluate_model(model_dir, cfg)

@@ -2,7 +2,7 @@
 
 RUN_DIR layout read here: ``config.yaml`` (``model.path``, ``method.name``, ``eval:``), ``adapter/`` (SIFT or
 PEFT adapter) and/or ``merged/`` (an HF model directory), ``metrics.jsonl``. Written: ``eval/base/results.json``,
-``eval/tuned/results.json``, ``report.md``, ``summary.json`` and the PNG charts.
+``eval/tuned/results.json``, ``report.md``, ``eval_summary.json`` and the PNG charts.
 """
 
 from __future__ import annotations

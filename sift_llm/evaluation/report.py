@@ -22,6 +22,7 @@ from sift_llm.fsio import atomic_write_json, atomic_write_text
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity")
 ACCURACY_PNG = "eval_accuracy.png"
 CURVES_PNG = "training_curves.png"
+SUMMARY_JSON = "eval_summary.json"  # the table as data, for scripts
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -390,7 +391,7 @@ def write_report(
     training: list[tuple[str, list[dict[str, Any]]]] | None = None,
     curve_note: str | None = None,
 ) -> Path:
-    """report.md, the accuracy chart, training curves (when there are metrics) and summary.json."""
+    """report.md, the accuracy chart, training curves (when there are metrics) and eval_summary.json."""
     output_dir = Path(output_dir)
     summary, _ = _merge_rows(columns)
     if not summary:
@@ -403,7 +404,7 @@ def write_report(
             (output_dir / CURVES_PNG).unlink()  # a stale chart from an earlier report
     text = render_markdown(columns, title=title, chart=chart.name,
                            curves=curves.name if curves else None, curve_note=curve_note)
-    atomic_write_json(output_dir / "summary.json", summary_json(columns))
+    atomic_write_json(output_dir / SUMMARY_JSON, summary_json(columns))
     return atomic_write_text(output_dir / "report.md", text)
 
 

@@ -45,7 +45,7 @@ def test_run_dir_mode_end_to_end(tiny_model_dir, tiny_task_dir, lora_adapter_dir
     assert "tiny_mc" in base["results"] and "tiny_mc" in tuned["results"]
     text = (run / "report.md").read_text()
     assert "| Task | N | base (%) | lora (%) | Δ lora (pp) |" in text and "| **tiny_mc** | 10 |" in text
-    for name in ("eval_accuracy.png", "training_curves.png", "summary.json"):
+    for name in ("eval_accuracy.png", "training_curves.png", "eval_summary.json"):
         assert (run / name).stat().st_size > 0
 
     # a rerun reuses the base results; command-line options override the eval: section

@@ -201,6 +201,10 @@ def test_bad_model_and_adapter_dirs(tiny_model_dir, lora_adapter_dir, tmp_path):
 def test_unknown_task_and_include_path(tiny_task_dir, tmp_path):
     with pytest.raises(UserError, match=r"unknown lm-eval task\(s\) 'tiny_mcq' \(did you mean tiny_mc"):
         harness.build_task_manager(_cfg(tiny_task_dir, tasks=["tiny_mcq"]))
+    # lm-eval's own tasks pass through (their data must then be in the local datasets cache)
+    manager = harness.build_task_manager(_cfg(tiny_task_dir, tasks=["mmlu", "tiny_mc"]))
+    assert "mmlu" in manager.all_groups and "mmlu_offline" in manager.all_groups
+    harness.check_tasks(_cfg(tiny_task_dir, tasks=["mmlu"], num_fewshot=5))  # fine: lm-eval's mmlu has a dev split
     with pytest.raises(UserError, match="is not a directory"):
         harness.include_dirs(_cfg(tmp_path / "missing"))
 

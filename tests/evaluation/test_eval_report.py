@@ -55,7 +55,7 @@ def test_run_report_table_and_charts(tmp_path):
     assert "![accuracy per category](eval_accuracy.png)" in text
     assert "![training curves](training_curves.png)" in text
     assert _png(run / "eval_accuracy.png") and _png(run / "training_curves.png")
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "eval_summary.json").read_text())
     overall = summary["rows"][0]
     assert overall["task"] == "mmlu_offline" and overall["delta"]["sift"] == pytest.approx(0.1)
     assert overall["scores"]["base"] == {"metric": "acc", "value": 0.3, "stderr": 0.02, "n": 300}
@@ -90,7 +90,7 @@ def test_compare_runs_one_table_and_chart(tmp_path):
     assert ("| **mmlu_offline (overall)** | 300 | 30.00 ± 2.00 | 40.00 ± 2.00 | 38.00 ± 2.00 | 42.00 ± 2.00 "
             "| +10.00 | +8.00 | +12.00 |") in text
     assert _png(tmp_path / "cmp" / "eval_accuracy.png") and _png(tmp_path / "cmp" / "training_curves.png")
-    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "cmp" / "eval_summary.json").read_text())
     assert [c["label"] for c in summary["columns"]] == ["base", "sift", "lora", "full"]
 
 
