@@ -15,7 +15,7 @@ Run mode:  sift-llm eval RUN_DIR [options]
   RUN_DIR/report.md, eval_summary.json and PNG charts. Prints the report path.
 
 Free-form: sift-llm eval --model DIR [--adapter DIR | --base DIR] [options] --output OUT
-  Without a reference model: OUT/results.json. With --adapter (compared against --model) or --base (a base
+  Without a reference model: OUT/results.json and OUT/report.md. With --adapter (compared against --model) or --base (a base
   to compare a merged or fully fine-tuned --model against): OUT/eval/{base,tuned}/results.json and
   OUT/report.md, the same layout as a run directory.
 

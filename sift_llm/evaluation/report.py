@@ -140,7 +140,11 @@ def _merge_rows(columns: list[Column]) -> tuple[list[Row], list[Row]]:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a training run's metrics.jsonl; a malformed line raises UserError naming file:line."""
+    """Records of a training run's metrics.jsonl; a malformed line raises UserError naming file:line.
+
+    A line with ``loss`` or ``eval_loss`` needs an integer ``step``; other keys are free (lines without any
+    of the three, e.g. events, are kept and ignored by the charts).
+    """
     path = Path(path)
     records = []
     with open(path, encoding="utf-8") as handle:
@@ -155,7 +159,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
             step = record.get("step")
-            if isinstance(step, bool) or not isinstance(step, int):
+            has_loss = "loss" in record or "eval_loss" in record
+            if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
                 raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
             for key in ("loss", "eval_loss"):
                 if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):

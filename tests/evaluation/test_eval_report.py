@@ -122,6 +122,7 @@ def test_run_without_results_is_a_clear_error(tmp_path):
         ('{"step": 1.5, "loss": 1.0}', "'step' must be an integer"),
         ('{"step": 3, "loss": "high"}', "'loss' must be a number"),
         ('{"step": 3, "eval_loss": null}', "'eval_loss' must be a number"),
+        ('{"step": "7", "tokens_per_s": 10}', "'step' must be an integer"),
     ],
 )
 def test_malformed_metrics_name_file_and_line(tmp_path, line, message):
@@ -130,6 +131,13 @@ def test_malformed_metrics_name_file_and_line(tmp_path, line, message):
         handle.write(line + "\n")
     with pytest.raises(UserError, match=rf"metrics.jsonl:13: {message}"):
         report.write_run_report(run)
+
+
+def test_metrics_lines_without_losses_are_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"event": "resumed"}\n\n{"step": 2, "eval_loss": NaN}\n')
+    records = report.read_metrics(path)
+    assert len(records) == 3 and records[1] == {"event": "resumed"}
 
 
 def test_report_command(tmp_path, capsys):
