@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sift_llm.assets import cache_dir
 from sift_llm.schema import ConfigError, option
 
 
@@ -55,11 +55,7 @@ class EvalConfig:
 
 
 def cache_root() -> Path:
-    """``$SIFT_LLM_CACHE`` (or ``~/.cache/sift-llm``), the cache shared with the asset fetcher."""
-    try:
-        from sift_llm.assets import cache_dir
-    except ImportError:  # the asset module is optional for evaluation
-        return Path(os.environ.get("SIFT_LLM_CACHE") or Path.home() / ".cache" / "sift-llm").expanduser()
+    """The cache shared with the asset fetcher (``$SIFT_LLM_CACHE`` or ``~/.cache/sift-llm``)."""
     return cache_dir()
 
 

@@ -159,7 +159,7 @@ def load_model(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info): ``model_dir`` loaded on ``device``, with the adapter applied in memory.
 
-    A SIFT adapter is attached by ``sift_llm.sift.load_adapter``; a PEFT adapter is loaded with peft and
+    A SIFT adapter is attached by ``sift_llm.sift.load_adapter`` and merged into the weights; a PEFT adapter is loaded with peft and
     merged into the weights. ``info`` records what was loaded (for results.json).
     """
     import torch
@@ -178,13 +178,11 @@ def load_model(
     if dev.type == "cpu":
         model.to(dev)
     if kind == "sift":
-        try:
-            from sift_llm.sift import load_adapter
-        except ImportError as err:
-            raise UserError(f"{adapter} is a SIFT adapter, but sift_llm.sift cannot be imported ({err})") from None
-        attached = load_adapter(model, adapter)
-        if isinstance(attached, torch.nn.Module):
-            model = attached
+        from sift_llm.sift import load_adapter, merge_into_base
+
+        # Evaluation needs no gradient, so the increment is folded into the weights here, in memory:
+        # plain Linear layers are faster than sparse-increment ones and nothing is written to disk.
+        merge_into_base(load_adapter(model, adapter))
     elif kind in ("lora", "peft"):
         from peft import PeftModel
 

@@ -25,49 +25,24 @@ class RunEvalSpec:
     eval: EvalConfig
 
 
-def _resolve_model_path(value: str) -> Path:
-    if value.startswith("asset:"):
-        from sift_llm.assets import resolve
-
-        return Path(resolve(value))
-    return Path(value).expanduser()
-
-
 def read_run_eval_config(run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunEvalSpec:
     """``model.path``, ``method.name`` and the ``eval:`` section (with ``overrides`` on top) of a run's
-    config.yaml. Kept small on purpose: it reads the YAML directly until the experiment-config loader
-    (sift_llm.config) can be used instead."""
-    import yaml
-
-    from sift_llm.schema import build
+    resolved config.yaml, validated by the experiment-config loader."""
+    from sift_llm import schema
+    from sift_llm.assets import resolve
+    from sift_llm.config import RESOLVED_NAME, load_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    path = run_dir / "config.yaml"
+    path = run_dir / RESOLVED_NAME
     if not path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml; is it a training run directory?")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of config sections")
-    model = data.get("model")
-    model_path = model.get("path") if isinstance(model, dict) else None
-    if not isinstance(model_path, str) or not model_path:
-        raise UserError(f"{path}: missing model.path (the base model directory)")
-    section = data.get("eval") or {}
-    if not isinstance(section, dict):
-        raise UserError(f"{path}: eval: expected a mapping")
-    merged = {**section, **(overrides or {})}
-    try:
-        cfg = build(EvalConfig, merged, "eval")
-    except UserError as err:
-        raise UserError(f"{path}: {err}") from None
-    method = data.get("method")
-    name = method.get("name") if isinstance(method, dict) else None
-    return RunEvalSpec(run_dir, _resolve_model_path(model_path), str(name) if name else None, cfg)
+        raise UserError(f"{run_dir} has no {RESOLVED_NAME}; is it a training run directory?")
+    cfg = load_config(path)
+    section = cfg.eval
+    if overrides:
+        section = schema.build(EvalConfig, {**schema.to_dict(cfg.eval), **overrides}, "eval")
+    return RunEvalSpec(run_dir, resolve(cfg.model.path), cfg.method.name, section)
 
 
 def tuned_source(run_dir: str | os.PathLike, backend: str = "memory") -> tuple[str, Path]:

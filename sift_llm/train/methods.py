@@ -46,10 +46,8 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
 def _write_merged(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     """Base + adapter merged into a standard HF directory that plain transformers loads (rank 0, CPU, fp32)."""
     from sift_llm.evaluation.harness import load_model
-    from sift_llm.sift import merge_into_base
 
     model, tokenizer, _ = load_model(model_dir, adapter_dir, device="cpu", dtype="float32")
-    merge_into_base(model)
     with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -116,9 +116,9 @@ def test_bad_run_config(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert "config.yaml: unknown key 'eval.limt'; did you mean 'eval.limit'?" in err
-    (run / "config.yaml").write_text("method: {name: sift}\n")
+    (run / "config.yaml").write_text("model: {path: 5}\n")
     assert main(["eval", str(run)]) == 2
-    assert "missing model.path" in capsys.readouterr().err
+    assert "model.path: got 5, expected a string" in capsys.readouterr().err
     (run / "config.yaml").write_text("model: {path: x}\n")
     assert main(["eval", str(run)]) == 2
     assert "has no trained model to evaluate" in capsys.readouterr().err

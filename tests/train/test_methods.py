@@ -54,12 +54,13 @@ def test_lora_run_saves_a_peft_adapter(make_config, tiny_model_dir):
 
 
 def test_sift_merged_export_matches_the_adapter_in_memory(make_config, tiny_model_dir):
-    from sift_llm.evaluation.harness import load_model
+    from sift_llm.sift import load_adapter
 
     config = make_config("merged", train={"save_merged": True})
     assert train(config).returncode == 0
     run_dir = config.parent / "merged"
-    in_memory, _, _ = load_model(tiny_model_dir, run_dir / "adapter", device="cpu", dtype="float32")
+    in_memory = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    load_adapter(in_memory, run_dir / "adapter")  # sparse-increment layers, not merged
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert torch.allclose(_logits(merged, ids), _logits(in_memory, ids), atol=1e-5)
