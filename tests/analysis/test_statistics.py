@@ -12,6 +12,7 @@ from sift_llm.analysis.config import AnalysisConfig
 from sift_llm.analysis.gradients import gradient_statistics
 from sift_llm.analysis.stats import MatrixTracker, top_count
 from sift_llm.analysis.summarize import share_label, summarize_model
+from sift_llm.runtime import default_device
 from sift_llm.sift import attach_sift
 from sift_llm.sift.config import SiftConfig
 from sift_llm.sift.model import find_targets
@@ -228,3 +229,31 @@ def test_one_dense_gradient_at_a_time(monkeypatch):
     monkeypatch.setattr(MatrixTracker, "observe", spy)
     gradient_statistics(model, targets, make_batches(2), AnalysisConfig(batches=2), label="pretrained")
     assert len(live) == 2 * len(weights) and max(live) == 1
+
+
+@pytest.mark.skipif(default_device().type == "cpu", reason="needs an accelerator")
+def test_accelerator_matches_cpu():
+    """On a GPU the statistics (device-side sort, ranking and gather) equal the CPU path's."""
+    device = default_device()
+    acfg = AnalysisConfig(batches=BATCHES, shares=SHARES, coverage_share=0.05)
+    batches = make_batches(BATCHES)
+    cpu = tiny.build_model(VOCAB, layers=2, hidden=32, seed=3)
+    gpu = copy.deepcopy(cpu).to(device)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_cpu = summarize_model(gradient_statistics(cpu, find_targets(cpu, SiftConfig()), batches, acfg, label="cpu"),
+                                 acfg)
+        stats = gradient_statistics(gpu, find_targets(gpu, SiftConfig()), batches, acfg, label="gpu", device=device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert stats.trackers[0].first_order.device.type == device.type
+    on_gpu = summarize_model(stats, acfg)
+    for a, b in zip(on_cpu["matrices"], on_gpu["matrices"]):
+        for label in a["top_share"]:
+            assert b["top_share"][label] == pytest.approx(a["top_share"][label], rel=1e-4, abs=1e-6)
+        for key in ("own_top", "first_batch"):
+            assert b["coverage"][key] == pytest.approx(a["coverage"][key], rel=1e-4, abs=1e-6)
+        # Same sets up to float near-ties (GPU kernels sum in another order).
+        assert b["coverage"]["overlap_with_first"] == pytest.approx(a["coverage"]["overlap_with_first"], abs=0.05)
+    assert on_gpu["density"]["suggested"] == pytest.approx(on_cpu["density"]["suggested"], rel=0.05)
