@@ -334,6 +334,20 @@ def _source_lines(columns: list[Column]) -> list[str]:
     return lines
 
 
+def held_out_table(training: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
+    """First and last held-out loss of each run: the number that moves when a small-sample MMLU does not."""
+    rows = []
+    for label, records in training:
+        steps, losses = _series(records, "eval_loss")
+        if steps:
+            change = losses[-1] - losses[0]
+            rows.append(f"| {label} | {losses[0]:.4f} (step {steps[0]}) | {losses[-1]:.4f} (step {steps[-1]}) "
+                        f"| {change:+.4f} |")
+    if not rows:
+        return []
+    return ["| Run | first held-out loss | last held-out loss | change |", "|---|---:|---:|---:|", *rows, ""]
+
+
 def render_markdown(
     columns: list[Column],
     *,
@@ -341,6 +355,7 @@ def render_markdown(
     chart: str | None,
     curves: str | None,
     curve_note: str | None = None,
+    training: list[tuple[str, list[dict[str, Any]]]] | None = None,
 ) -> str:
     summary, details = _merge_rows(columns)
     if not summary:
@@ -361,6 +376,7 @@ def render_markdown(
     versions = sorted({c.info.get("lm_eval_version") or c.results.get("lm_eval_version") or "?" for c in columns})
     out += [f"- lm-eval {', '.join(versions)}", ""]
     out += ["## Training", ""]
+    out += held_out_table(training or [])
     if curves:
         out += [f"![training curves]({curves})", ""]
     out += [curve_note or ("" if curves else "No training metrics (metrics.jsonl) found."), ""]
@@ -408,7 +424,7 @@ def write_report(
         with contextlib.suppress(FileNotFoundError):
             (output_dir / CURVES_PNG).unlink()  # a stale chart from an earlier report
     text = render_markdown(columns, title=title, chart=chart.name,
-                           curves=curves.name if curves else None, curve_note=curve_note)
+                           curves=curves.name if curves else None, curve_note=curve_note, training=training)
     atomic_write_json(output_dir / SUMMARY_JSON, summary_json(columns))
     return atomic_write_text(output_dir / "report.md", text)
 

@@ -54,6 +54,7 @@ def test_run_report_table_and_charts(tmp_path):
     assert "cached results (fingerprint fp-base)" in text
     assert "![accuracy per category](eval_accuracy.png)" in text
     assert "![training curves](training_curves.png)" in text
+    assert "| sift | 2.7000 (step 5) | 2.2000 (step 10) | -0.5000 |" in text
     assert _png(run / "eval_accuracy.png") and _png(run / "training_curves.png")
     summary = json.loads((run / "eval_summary.json").read_text())
     overall = summary["rows"][0]
