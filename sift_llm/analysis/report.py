@@ -122,10 +122,8 @@ def render_summary(result: dict[str, Any], figures: list[str]) -> str:
             f"{row['intensity']:.2f} | {_pct(row['top_share'])} |"
         )
     lines += ["", f"| module type | norm² share | params share | intensity | top-{label} share |", "|---|---|---|---|---|"]
-    by_type = {row["group"]: row for row in brk["module_types"]}
-    for name in sorted(by_type, key=lambda n: brk["most_critical_module_types"].index(n)
-                       if n in brk["most_critical_module_types"] else len(by_type)):
-        row = by_type[name]
+    for row in sorted(brk["module_types"], key=lambda r: -(r["intensity"] or 0.0)):
+        name = row["group"]
         lines.append(
             f"| {name} | {_pct(row['grad_norm_fraction'])} | {_pct(row['param_fraction'])} | "
             f"{row['intensity']:.2f} | {_pct(row['top_share'])} |"
@@ -151,7 +149,8 @@ def render_summary(result: dict[str, Any], figures: list[str]) -> str:
         else:
             lines.append(
                 f"- Batch 1's fixed top set does not reach {keep} of later batches' norm² at any density up to "
-                f"{_density(d['first_batch_searched_up_to'])} (the largest set measured)."
+                f"{_density(d['first_batch_searched_up_to'])} (the largest set measured; it keeps "
+                f"{_pct(d['first_batch_curve'][-1])} there; add a larger share to --shares to search further)."
             )
     if spread:
         lines.append(
