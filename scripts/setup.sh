@@ -16,6 +16,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "
   exit 0
 fi
 
+# pip's warnings about this machine's unreachable local index mirrors say nothing about the install.
+quiet_pip() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 {
   if [ ! -x "$venv/bin/python" ]; then
     if "$python" -c "import torch" 2>/dev/null; then
@@ -28,13 +31,12 @@ fi
   fi
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: installing ${SIFT_LLM_TORCH:-torch==2.13.0}"
-    "$venv/bin/python" -m pip install -q "${SIFT_LLM_TORCH:-torch==2.13.0}"
+    "$venv/bin/python" -m pip install -q "${SIFT_LLM_TORCH:-torch==2.13.0}" 2>&1 | quiet_pip
   fi
   # Pin whatever torch is present so no dependency swaps it for another build (e.g. several GB of CUDA).
-  "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$venv/constraints.txt"
+  "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" 2>/dev/null > "$venv/constraints.txt"
   echo "setup: installing sift-llm and its dependencies (constrained to $(cat "$venv/constraints.txt"))"
-  "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e "$root[test]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e "$root[test]" 2>&1 | quiet_pip
   "$venv/bin/python" -c "import sift_llm, torch, deepspeed, transformers" >/dev/null 2>&1 \
     || { echo "setup: the environment in $venv is incomplete (see pip's output above)"; exit 1; }
   echo "$want" > "$stamp"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from sift_llm import schema
+from sift_llm.analysis.config import AnalysisConfig
 from sift_llm.data.config import DataConfig
 from sift_llm.evaluation.config import EvalConfig
 from sift_llm.fsio import atomic_write_text
@@ -85,6 +86,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sift_llm.evaluation.report import _atomic_write_figure, _pyplot
+from sift_llm.plotting import pyplot, save_figure
 
 SHARES_PNG = "shares_per_matrix.png"
 COVERAGE_PNG = "coverage.png"
@@ -22,7 +22,7 @@ def plot_shares(models: dict[str, Any], path: Path, model_name: str) -> Path:
     One panel per module type with the layer on the x axis (a single panel in module order when the matrix
     names carry no layer index).
     """
-    plt = _pyplot()
+    plt = pyplot()
     reference = next(iter(models.values()))["matrices"]
     labels = list(reference[0]["top_share"])
     layered = all(row["layer"] is not None for row in reference)
@@ -57,14 +57,14 @@ def plot_shares(models: dict[str, Any], path: Path, model_name: str) -> Path:
                  "(solid: pretrained, dashed: random init; mean over batches)", fontsize=10)
     fig.tight_layout()
     try:
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_coverage(models: dict[str, Any], path: Path, model_name: str) -> Path:
     """Figure 4: batch 1's top set on later batches vs each batch's own top set; overlap of the top sets."""
-    plt = _pyplot()
+    plt = pyplot()
     pretrained = models["pretrained"]
     label = pretrained["coverage"]["label"]
     fig, (ax, heat) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
@@ -100,7 +100,7 @@ def plot_coverage(models: dict[str, Any], path: Path, model_name: str) -> Path:
     fig.colorbar(image, ax=heat, fraction=0.046)
     fig.suptitle(model_name, fontsize=10)
     try:
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -123,7 +123,7 @@ def plot_layers(result: dict[str, Any], path: Path, model_name: str) -> Path | N
         fraction = sum(row["grad_norm_sq"][b] / totals[b] for b in range(batches) if totals[b] > 0) / batches
         intensity[i][j] = fraction / (row["numel"] / total_params)
         top[i][j] = _mean_or_nan(row["coverage"]["own_top"])
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     height = max(3.5, 0.16 * len(layers) + 1.8)
@@ -145,7 +145,7 @@ def plot_layers(result: dict[str, Any], path: Path, model_name: str) -> Path | N
     axes[0].set_ylabel("layer")
     fig.suptitle(f"{model_name} ({result['label']}): which layers and projections carry the gradient", fontsize=10)
     try:
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -156,7 +156,7 @@ def _mean_or_nan(values: list[float]) -> float:
 
 def plot_density(models: dict[str, Any], path: Path, model_name: str) -> Path:
     """Kept share of the pooled squared gradient norm against density; the keep line and the suggestion."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     keep = models["pretrained"]["density"]["keep"]
     for key, result in models.items():
@@ -180,7 +180,7 @@ def plot_density(models: dict[str, Any], path: Path, model_name: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     try:
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 

@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from sift_llm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    section = getattr(cfg, "analysis", None)  # once ExperimentConfig has an analysis: section
-    base = schema.to_dict(section) if section is not None else None
-    acfg = schema.build(AnalysisConfig, analysis_options(args, base), "analysis")
+    acfg = schema.build(AnalysisConfig, analysis_options(args, schema.to_dict(cfg.analysis)), "analysis")
     out = analyze(cfg, acfg)
     print(f"analysis: {out / 'summary.md'}")
     print(f"data:     {out / 'analysis.json'}")

@@ -31,9 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from sift_llm.config import load_config
     from sift_llm.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        # Left to interpreter exit, gloo's threads can abort the process after a successful run.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

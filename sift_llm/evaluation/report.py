@@ -11,13 +11,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_write_json, atomic_write_text
+from sift_llm.plotting import pyplot, save_figure
 
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity")
 ACCURACY_PNG = "eval_accuracy.png"
@@ -177,32 +177,9 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write_figure(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_scores(columns: list[Column], rows: list[Row], path: Path, title: str) -> Path:
     """Grouped bars: one group per summary row, one bar (with a stderr whisker) per column."""
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / max(len(columns), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) * max(1, len(columns)) / 2 + 3), 4.5))
     try:
@@ -224,7 +201,7 @@ def plot_scores(columns: list[Column], rows: list[Row], path: Path, title: str) 
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -238,7 +215,7 @@ def plot_training_curves(
             if any("loss" in r or "eval_loss" in r for r in records)]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         for i, (label, records) in enumerate(runs):
@@ -256,7 +233,7 @@ def plot_training_curves(
         ax.set_title("Training curves")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        return _atomic_write_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 

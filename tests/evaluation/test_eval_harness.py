@@ -119,24 +119,29 @@ def test_adapter_is_applied_in_memory(tiny_model_dir, lora_adapter_dir, tiny_tok
         assert not torch.allclose(base(ids).logits, tuned(ids).logits, atol=1e-4)
 
 
-def test_sift_adapter_goes_through_sift_load_adapter(tiny_model_dir, tmp_path, monkeypatch):
-    """The SIFT loader is built elsewhere: check that ours hands it the model and the directory."""
-    import sys
-    import types
+def test_sift_adapter_is_applied_and_folded_in_memory(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
 
-    calls = []
+    from sift_llm.sift import SiftConfig, SiftLinear, attach_sift, save_adapter
 
-    def fake_load_adapter(model, adapter_dir):
-        calls.append(adapter_dir)
-        with torch.no_grad():
-            model.lm_head.weight.add_(1.0)
+    trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    handle = attach_sift(trained, SiftConfig(density=0.1))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    selector = handle.selector()
+    with selector.calibrating():
+        trained(input_ids=ids, labels=ids).loss.backward()
+    selector.finalize()
+    with torch.no_grad():
+        for layer in handle.layers.values():
+            layer.values.normal_(std=0.05)
+        expected = trained(input_ids=ids).logits
+    adapter = save_adapter(handle, tmp_path / "adapter")
 
-    monkeypatch.setitem(sys.modules, "sift_llm.sift", types.SimpleNamespace(load_adapter=fake_load_adapter))
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "sift_adapter.json").write_text("{}")
-    model, _, info = harness.load_model(tiny_model_dir, adapter, device="cpu")
-    assert calls == [adapter] and info["adapter_kind"] == "sift"
+    model, _, info = harness.load_model(tiny_model_dir, adapter, device="cpu", dtype="float32")
+    assert info["adapter_kind"] == "sift"
+    assert not any(isinstance(m, SiftLinear) for m in model.modules())  # folded into plain Linear weights
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
 
 
 def test_base_results_are_cached(tiny_model_dir, tiny_task_dir, tmp_path, capsys):
