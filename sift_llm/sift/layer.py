@@ -5,12 +5,25 @@ A targeted ``nn.Linear`` is turned into a :class:`SiftLinear` in place (its clas
 parameters around its forward and backward, and the base weights keep their state-dict keys.
 
 The forward computes ``F.linear(x, W + scatter(values), bias)`` through a custom autograd Function whose
-backward returns the gradient of ``values`` (and of ``x``) only. The dense weight gradient is never
-materialised whole during training: it is computed one block of output rows at a time, gathered at the
-selected indices and freed, and row blocks holding no selected entry are skipped.
+backward returns the gradient of ``values`` (and of ``x``) only.
+
+- The effective weight ``W + scatter(values)`` is formed by patching the frozen weight at the k selected
+  positions for the duration of one product and restoring those entries bit for bit afterwards: O(k) work
+  and memory instead of a transient dense copy of W (``MERGE = "clone"`` keeps the copy).
+- The values' gradient ``(grad_out^T @ x)[indices]`` takes one of two exact paths, chosen per layer by a
+  cost rule (:func:`values_grad_path`): a sampled product (SDDMM, ``torch.sparse.sampled_addmm``) whose cost
+  is about density x the dense product, or the dense product computed one block of output rows at a time,
+  gathered at the indices and freed (row blocks holding no selected entry are skipped). The dense weight
+  gradient is never materialised whole either way.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +33,19 @@ from sift_llm.errors import UserError
 
 # Upper bound on the entries of one transient weight-gradient block (64 MiB in fp32).
 GRAD_BLOCK_ELEMENTS = 1 << 24
+
+# The values' gradient path: "auto" applies the cost rule below; "dense" or "sampled" force one path
+# (benchmarks and tests). Read once from SIFT_LLM_VALUES_GRAD.
+VALUES_GRAD = os.environ.get("SIFT_LLM_VALUES_GRAD", "auto")
+# Below this density (selected / matrix entries) the sampled product beats the dense row-block product on
+# that device type; device types not listed always take the dense path. The dense product runs near the
+# matrix units' peak while the sampled one is bound by gathering, so the crossover is far lower on a GPU.
+# Measured with `sift-llm bench --only kernels` (benchmarks/README.md): on 2 CPU cores the sampled path
+# won up to ~10% density; on an H100 in bf16 the dense path won at every density measured (0.1%-5%).
+SAMPLED_MAX_DENSITY = {"cpu": 0.08}
+# How the effective weight is formed: "patch" (in place at the k positions, restored) or "clone" (a dense copy).
+# Read once from SIFT_LLM_MERGE.
+MERGE = os.environ.get("SIFT_LLM_MERGE", "patch")
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -45,6 +71,30 @@ def merged_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Ten
     return merged
 
 
+@contextlib.contextmanager
+def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``weight + scatter(values)`` for the body of the ``with`` block, equal bit for bit to :func:`merged_weight`.
+
+    By default the frozen weight itself is patched at the selected positions (the sum rounded exactly as
+    :func:`add_increment_` rounds it) and the saved original entries are written back on exit, so no dense
+    copy is made. The patch goes through ``weight.data``, whose version counter is not the one autograd
+    checks for the tensor it saved. Products issued inside the block are ordered before the restore (CPU
+    ops are synchronous; CUDA ops share one stream). A non-contiguous weight, or ``MERGE = "clone"``,
+    gets a transient dense copy instead.
+    """
+    if MERGE == "clone" or not weight.is_contiguous():
+        yield merged_weight(weight, values, indices)
+        return
+    flat = weight.data.view(-1)
+    original = flat.index_select(0, indices)
+    wide = torch.promote_types(flat.dtype, torch.float32)
+    flat.index_put_((indices,), (original.to(wide) + values.detach().to(wide)).to(flat.dtype))
+    try:
+        yield weight.data
+    finally:
+        flat.index_put_((indices,), original)
+
+
 def sampled_weight_grad(
     grad_out: torch.Tensor, inputs: torch.Tensor, indices: torch.Tensor, blocks: list[tuple[int, int, int, int]]
 ) -> torch.Tensor:
@@ -61,6 +111,56 @@ def sampled_weight_grad(
     return grad
 
 
+def sddmm_values_grad(grad_out: torch.Tensor, inputs: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``(grad_out^T @ inputs).flatten()[indices]`` as a sampled dense-dense product: only the k selected dot
+    products over the tokens are computed (``torch.sparse.sampled_addmm`` on a CSR pattern of the indices).
+
+    ``indices`` are sorted flat row-major positions, so the CSR value order is the indices' order. The result
+    is in ``grad_out``'s dtype; dtypes the sparse kernel lacks (bf16/fp16 on CPU) are computed in fp32.
+    """
+    out_features = grad_out.shape[1]
+    dtype = grad_out.dtype
+    compute = dtype if _sampled_supports(grad_out.device.type, dtype) else torch.float32
+    edges = torch.arange(out_features + 1, device=indices.device, dtype=indices.dtype) * in_features
+    crow = torch.searchsorted(indices, edges).to(indices.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow, indices % in_features, torch.zeros(indices.numel(), dtype=compute, device=indices.device),
+            (out_features, in_features), check_invariants=False,
+        )
+    grad = torch.sparse.sampled_addmm(pattern, grad_out.t().to(compute), inputs.to(compute), beta=0.0)
+    return grad.values().to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _sampled_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.sparse.sampled_addmm`` runs in ``dtype`` on this device type (tried once on a 2x2)."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            eye = torch.eye(2, dtype=dtype, device=device_type).to_sparse_csr()
+            torch.sparse.sampled_addmm(eye, eye.to_dense(), eye.to_dense(), beta=0.0)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def values_grad_path(numel: int, k: int, device: torch.device) -> str:
+    """"sampled" or "dense": the cheaper exact way to compute ``k`` of ``numel`` weight-gradient entries on ``device``.
+
+    The sampled product costs about ``k / numel`` of the dense one in arithmetic but runs at gather speed,
+    so it wins below a device-dependent density (:data:`SAMPLED_MAX_DENSITY`); ``VALUES_GRAD`` overrides.
+    """
+    if VALUES_GRAD in ("dense", "sampled"):
+        return VALUES_GRAD
+    if VALUES_GRAD != "auto":
+        raise ValueError(f"SIFT_LLM_VALUES_GRAD must be auto, dense or sampled, got {VALUES_GRAD!r}")
+    return "sampled" if k < SAMPLED_MAX_DENSITY.get(device.type, 0.0) * numel else "dense"
+
+
 class _SparseIncrementLinear(torch.autograd.Function):
     """y = x @ (W + scatter(values))^T + b, differentiable in x and values only.
 
@@ -74,8 +174,10 @@ class _SparseIncrementLinear(torch.autograd.Function):
         ctx.observer = layer._observer
         ctx.save_for_backward(x, weight, values, indices)
         # While calibrating the values are still zero, so the base weight is the effective weight.
-        effective = weight if ctx.observer is not None else merged_weight(weight, values, indices)
-        return F.linear(x, effective, bias)
+        if ctx.observer is not None:
+            return F.linear(x, weight, bias)
+        with effective_weight(weight, values, indices) as effective:
+            return F.linear(x, effective, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -84,16 +186,23 @@ class _SparseIncrementLinear(torch.autograd.Function):
         dtype = grad_out.dtype
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            effective = weight if ctx.observer is not None else merged_weight(weight, values, indices)
-            grad_x = (grad_out @ effective.to(dtype)).to(x.dtype)
-            del effective
+            if ctx.observer is not None:
+                grad_x = (grad_out @ weight.to(dtype)).to(x.dtype)
+            else:
+                with effective_weight(weight, values, indices) as effective:
+                    grad_x = (grad_out @ effective.to(dtype)).to(x.dtype)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
         if ctx.observer is not None:
             # Calibration: score this matrix's dense gradient now, then drop it; the values get no gradient.
             ctx.observer.observe(ctx.layer, grad_2d.t() @ x_2d, weight)
         elif ctx.needs_input_grad[3]:
-            grad_values = sampled_weight_grad(grad_2d, x_2d, indices, ctx.layer.row_blocks()).to(values.dtype)
+            layer = ctx.layer
+            if values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device) == "sampled":
+                grad_values = sddmm_values_grad(grad_2d, x_2d, indices, layer.in_features)
+            else:
+                grad_values = sampled_weight_grad(grad_2d, x_2d, indices, layer.row_blocks())
+            grad_values = grad_values.to(values.dtype)
         return grad_x, None, None, grad_values, None, None, None
 
 
