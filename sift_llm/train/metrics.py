@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 from pathlib import Path
 
 from sift_llm.runtime import is_rank0
@@ -42,3 +45,116 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+# --- Measurement hooks for `sift-llm bench`: peak memory and bytes passed to collectives. ---
+
+COUNT_COLLECTIVES_ENV = "SIFT_LLM_COUNT_COLLECTIVES"
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window: this process's peak RSS (Linux VmHWM) and the CUDA allocator's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # then the RSS peak counts from process start
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """Peak resident set size since the last :func:`reset_peak_memory` (bytes), and CUDA max allocated if any."""
+    peak = None
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    out = {"rss_peak_bytes": peak}
+    if device.type == "cuda":
+        import torch
+
+        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+# torch.distributed collectives and which argument holds the full (unpartitioned) payload.
+_COLLECTIVES = {
+    "all_reduce": "tensor", "reduce": "tensor", "broadcast": "tensor", "all_reduce_coalesced": "tensors",
+    "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input", "reduce_scatter": "input_list",
+    "all_gather_into_tensor": "output_tensor", "_all_gather_base": "output_tensor", "all_gather": "tensor_list",
+    "all_to_all_single": "input",
+}
+
+
+def _payload_bytes(value) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_payload_bytes(item) for item in value)
+    return value.numel() * value.element_size() if hasattr(value, "element_size") else 0
+
+
+class CollectiveCounter:
+    """Counts the bytes handed to torch.distributed collectives, per collective, while a step is open.
+
+    Off unless ``SIFT_LLM_COUNT_COLLECTIVES=1``. :meth:`install` must run before DeepSpeed initialises its
+    communication backend, which keeps references to some of these functions. The payload counted is the
+    full tensor a collective works on (a reduce-scatter's input, an all-gather's output), on each rank.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.active = False
+        self.installed = False
+
+    def install(self) -> None:
+        import inspect
+
+        import torch.distributed as dist
+
+        if self.installed or os.environ.get(COUNT_COLLECTIVES_ENV) != "1":
+            return
+        for name, argument in _COLLECTIVES.items():
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            position = list(inspect.signature(original).parameters).index(argument)
+            setattr(dist, name, self._wrap(name, original, argument, position))
+        self.installed = True
+
+    def _wrap(self, name: str, original, argument: str, position: int):
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            if self.active:
+                payload = kwargs[argument] if argument in kwargs else args[position]
+                self.counts[name] = self.counts.get(name, 0) + _payload_bytes(payload)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def start_step(self) -> None:
+        self.counts = {}
+        self.active = self.installed
+
+    def end_step(self) -> dict[str, int] | None:
+        """The bytes per collective since :meth:`start_step` (None when counting is off)."""
+        self.active = False
+        return dict(self.counts) if self.installed else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave bookkeeping collectives (logging, stop signals) out of the training traffic."""
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
+
+
+COLLECTIVES = CollectiveCounter()

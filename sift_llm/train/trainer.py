@@ -25,7 +25,7 @@ from sift_llm.train import checkpoint, faults
 from sift_llm.train.batches import BatchPlan, DataPosition
 from sift_llm.train.ds_config import build_ds_config, offloads_optimizer, zero_stage
 from sift_llm.train.methods import build_method
-from sift_llm.train.metrics import MetricsLog
+from sift_llm.train.metrics import COLLECTIVES, MetricsLog, peak_memory, reset_peak_memory
 from sift_llm.train.schedule import build_scheduler
 
 
@@ -107,8 +107,16 @@ def _learned_tokens(batch: dict) -> torch.Tensor:
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    torch.distributed.all_reduce(tensor)
+    with COLLECTIVES.paused():
+        torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _per_rank(record: dict) -> dict:
+    """{key: [value on rank 0, rank 1, ...]} for a dict every rank passes."""
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, record)
+    return {key: [entry.get(key) for entry in gathered] for key in record}
 
 
 def _optimizer(cfg: ExperimentConfig, groups: list[dict], device: torch.device, ds: dict):
@@ -144,6 +152,7 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
     """Run (or resume) training as described by ``cfg``; every rank calls this."""
     import deepspeed
 
+    COLLECTIVES.install()  # bench measurement hook; a no-op unless SIFT_LLM_COUNT_COLLECTIVES=1
     init_distributed()
     device = default_device()
     if device.type == "cuda":
@@ -178,7 +187,11 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
     elif method.calibration_batches:
         # Selection runs on the plain model, before DeepSpeed wraps it: ZeRO's gradient hooks must not see
         # calibration backward passes, and global-scope counts must be fixed before values are partitioned.
+        reset_peak_memory(device)
+        selection_started = time.perf_counter()
         method.select(model, [_to(plan.batch(i, pad_id), device) for i in range(method.calibration_batches)])
+        method.report["wall_seconds"] = time.perf_counter() - selection_started
+        method.report["peak_memory"] = _per_rank(peak_memory(device))
         if is_rank0():
             atomic_write_json(run_dir / "selection.json", method.report)
 
@@ -201,9 +214,12 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
     metrics = MetricsLog(run_dir, resume_step=step)
     last_loss, eval_loss = float("nan"), None
     bar = progress(total=total_steps, initial=step, desc=f"train {method.name}", unit="step")
+    reset_peak_memory(device)
+    loop_peak = peak_memory(device)
     try:
         while step < total_steps:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            COLLECTIVES.start_step()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses; DeepSpeed advances it in engine.step
             loss_sum = tokens = 0.0
             for _ in range(accumulation):
@@ -226,15 +242,21 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
                 tokens += rank_tokens
             step += 1
             elapsed = time.perf_counter() - started
+            cpu_seconds = time.process_time() - cpu_started  # this process's CPU time: robust to a busy machine
+            collective_bytes = COLLECTIVES.end_step()
+            loop_peak = peak_memory(device)  # the steps' peak, before this step's evaluation or checkpoint
             last_loss = loss_sum / accumulation
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if step % cfg.train.log_every == 0 or step == total_steps:
                 record = {"step": step, "epoch": round(position.micro_batches_done / plan.micro_batches_per_epoch, 4),
-                          "loss": last_loss, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+                          "loss": last_loss, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                          "step_cpu_s": cpu_seconds}
                 norm = engine.get_global_grad_norm()
                 if norm is not None:
                     record["grad_norm"] = float(norm)
+                if collective_bytes is not None:
+                    record["collective_bytes"] = collective_bytes
                 metrics.write(record)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps:
                 eval_loss = held_out_loss(engine, eval_plan, pad_id, device, cfg.train.eval_batches)
@@ -247,13 +269,15 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
     finally:
         bar.close()
         metrics.close()
+    # Peak memory of the training steps (weights, optimizer state, activations), each rank's own.
+    training_peak = _per_rank(loop_peak)
 
     output = method.export(engine, run_dir, model_dir, save_merged=cfg.train.save_merged)
     if is_rank0():
         atomic_write_json(run_dir / "train_summary.json", {
             "method": method.name, "steps": step, "final_loss": last_loss, "eval_loss": eval_loss,
             "dataset": str(prepared.path), "output": str(output), "base_model": str(model_dir),
-            "zero_stage": zero_stage(ds), "world_size": ranks, "bf16": bf16,
+            "zero_stage": zero_stage(ds), "world_size": ranks, "bf16": bf16, "peak_memory": training_peak,
         })
         log(f"train: done; {output}")
     return TrainResult(run_dir, step, last_loss, eval_loss, output)
