@@ -59,5 +59,12 @@ def launch(config: Path, *args: str, ranks: int = 2, env: dict | None = None, ti
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def launched(config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """launch() that must succeed; on failure the assertion shows the end of the run's output."""
+    result = launch(config, *args, **kwargs)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
