@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
+from sift_llm.fsio import read_jsonl_objects
 
 GROUP = "mmlu_offline"
 TASK_PREFIX = f"{GROUP}_"
@@ -149,35 +150,25 @@ def read_mmlu_file(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
     if key in _PARSED:
         return _PARSED[key]
     by_subject: dict[str, list[dict[str, Any]]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            answer = record.get("correct_answer")
-            if answer == "answer":
-                continue  # a header row that leaked into the data
-            missing = [k for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d", "topic")
-                       if not isinstance(record.get(k), str)]
-            if missing:
-                raise UserError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
-            if answer not in LETTERS:
-                raise UserError(f"{where}: correct_answer is {answer!r}, expected one of A, B, C, D")
-            subject = topic_to_subject(record["topic"])
-            if subject not in SUBJECTS:
-                raise UserError(f"{where}: unknown MMLU topic {record['topic']!r}")
-            by_subject.setdefault(subject, []).append({
-                "question": record["question"],
-                "subject": subject,
-                "choices": [record[f"answer_{c}"] for c in "abcd"],
-                "answer": LETTERS.index(answer),
-            })
+    for where, record in read_jsonl_objects(path):
+        answer = record.get("correct_answer")
+        if answer == "answer":
+            continue  # a header row that leaked into the data
+        missing = [k for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d", "topic")
+                   if not isinstance(record.get(k), str)]
+        if missing:
+            raise UserError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
+        if answer not in LETTERS:
+            raise UserError(f"{where}: correct_answer is {answer!r}, expected one of A, B, C, D")
+        subject = topic_to_subject(record["topic"])
+        if subject not in SUBJECTS:
+            raise UserError(f"{where}: unknown MMLU topic {record['topic']!r}")
+        by_subject.setdefault(subject, []).append({
+            "question": record["question"],
+            "subject": subject,
+            "choices": [record[f"answer_{c}"] for c in "abcd"],
+            "answer": LETTERS.index(answer),
+        })
     if not by_subject:
         raise UserError(f"MMLU file {path} holds no questions")
     _PARSED.clear()  # keep only the latest file
@@ -268,22 +259,19 @@ def render_task_files() -> dict[str, str]:
             "",
         ])
     for category in CATEGORIES:
-        files[f"_{category_group(category)}.yaml"] = _HEADER + "\n".join([
-            f"group: {category_group(category)}",
-            f"group_alias: {category}",
-            "task:",
-            f"  - {category_group(category)}_tasks",
-            "aggregate_metric_list:",
-            "  - metric: acc",
-            "    weight_by_size: true",
-            "metadata:",
-            "  version: 2",
-            "",
-        ])
-    files[f"_{GROUP}.yaml"] = _HEADER + "\n".join([
-        f"group: {GROUP}",
+        group = category_group(category)
+        files[f"_{group}.yaml"] = _group_yaml(group, [f"{group}_tasks"], alias=category)
+    files[f"_{GROUP}.yaml"] = _group_yaml(GROUP, [category_group(c) for c in CATEGORIES])
+    return files
+
+
+def _group_yaml(group: str, members: list[str], alias: str | None = None) -> str:
+    """A group whose accuracy is the size-weighted mean of its members', as lm-eval's mmlu groups are."""
+    return _HEADER + "\n".join([
+        f"group: {group}",
+        *([f"group_alias: {alias}"] if alias else []),
         "task:",
-        *[f"  - {category_group(c)}" for c in CATEGORIES],
+        *[f"  - {member}" for member in members],
         "aggregate_metric_list:",
         "  - metric: acc",
         "    weight_by_size: true",
@@ -291,7 +279,6 @@ def render_task_files() -> dict[str, str]:
         "  version: 2",
         "",
     ])
-    return files
 
 
 def write_task_files(directory: str | os.PathLike) -> Path:

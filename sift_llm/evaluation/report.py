@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
-from sift_llm.fsio import atomic_write_json, atomic_write_text
+from sift_llm.fsio import atomic_write_json, atomic_write_text, read_jsonl_objects
 from sift_llm.plotting import pyplot, save_figure
 
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity")
@@ -145,27 +145,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     A line with ``loss`` or ``eval_loss`` needs an integer ``step``; other keys are free (lines without any
     of the three, e.g. events, are kept and ignored by the charts).
     """
-    path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            step = record.get("step")
-            has_loss = "loss" in record or "eval_loss" in record
-            if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
-                raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
-            for key in ("loss", "eval_loss"):
-                if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
-                    raise UserError(f"{where}: {key!r} must be a number, got {record[key]!r}")
-            records.append(record)
+    for where, record in read_jsonl_objects(path):
+        step = record.get("step")
+        has_loss = "loss" in record or "eval_loss" in record
+        if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
+            raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
+        for key in ("loss", "eval_loss"):
+            if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
+                raise UserError(f"{where}: {key!r} must be a number, got {record[key]!r}")
+        records.append(record)
     return records
 
 
