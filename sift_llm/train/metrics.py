@@ -14,23 +14,25 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resumed_at: int | None = None):
+        """A fresh run (``resumed_at`` None) starts an empty log; a resumed one keeps lines up to its step."""
         self.enabled = is_rank0()
         self.path = run_dir / METRICS_NAME
         self._tb = None
         if not self.enabled:
             return
-        self._truncate_after(resume_step)
+        self._truncate_after(resumed_at)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if resumed_at is None else resumed_at + 1)
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
+    def _truncate_after(self, step: int | None) -> None:
+        """Drop lines logged after the checkpoint, so a resumed run's file reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= step]
+        kept = [] if step is None else [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

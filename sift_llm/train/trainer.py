@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def _free_port() -> str:
 def init_distributed() -> None:
     """Join (or, for a plain single process, create) the process group DeepSpeed expects."""
     import deepspeed
+
+    # DeepSpeed's ZeRO calls a collective that torch deprecates, once per step: noise in the progress output.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
     # A process started without a launcher is a world of one; DeepSpeed would otherwise look for MPI.
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
@@ -211,8 +215,14 @@ def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResul
         f"train: {method.name}, ZeRO-{zero_stage(ds)}, {ranks} rank(s), {'bf16' if bf16 else 'fp32'}, "
         f"{total_steps} steps of {cfg.train.micro_batch_size}x{accumulation}x{ranks} examples; {method.describe(engine.module)}"
     )
-    metrics = MetricsLog(run_dir, resume_step=step)
+    metrics = MetricsLog(run_dir, resumed_at=step if resume_from is not None else None)
     last_loss, eval_loss = float("nan"), None
+    if resume_from is None:
+        # The untrained model's held-out loss: the point every later one is measured against.
+        eval_loss = held_out_loss(engine, eval_plan, pad_id, device, cfg.train.eval_batches)
+        if eval_loss is not None:
+            metrics.write({"step": 0, "eval_loss": eval_loss})
+            log(f"step 0: held-out loss {eval_loss:.4f} (before training)")
     bar = progress(total=total_steps, initial=step, desc=f"train {method.name}", unit="step")
     reset_peak_memory(device)
     loop_peak = peak_memory(device)
