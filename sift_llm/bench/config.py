@@ -1,0 +1,145 @@
+"""The bench config: which parts run, on which shapes, for how many steps (benchmarks/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sift_llm import schema
+from sift_llm.schema import ConfigError, option
+
+PARTS = ("cost", "quality", "layer_stack", "kernels")
+
+
+@dataclass
+class ModelShape:
+    """A randomly initialised LLaMA-shaped model (the cost model), built once and cached."""
+
+    hidden: int = option(1024, min=8, help="hidden size")
+    intermediate: int = option(2816, min=8, help="MLP intermediate size")
+    layers: int = option(16, min=1, help="decoder layers")
+    heads: int = option(16, min=1, help="attention heads")
+    kv_heads: int = option(16, min=1, help="key/value heads")
+    tokenizer: str = option("asset:smollm2-135m-instruct", help="model directory whose tokenizer (and vocab) is used")
+    seed: int = option(0, help="initialisation seed")
+
+
+@dataclass
+class CostConfig:
+    """Cost of one training step through the real trainer (DeepSpeed, launch.sh, N ranks), methods alternated."""
+
+    enabled: bool = option(True)
+    model: ModelShape = field(default_factory=ModelShape)
+    data: str = option("asset:alpaca_en_demo", help="instruction corpus (Alpaca format)")
+    max_length: int = option(128, min=8, help="tokens per example")
+    micro_batch_size: int = option(1, min=1, help="examples per rank per step")
+    ranks: int = option(2, min=1, help="processes (CPU ranks over gloo, or GPUs) started by launch.sh")
+    warmup_steps: int = option(3, min=0, help="steps left out of the timing")
+    timed_steps: int = option(5, min=1, help="steps whose median is the step time")
+    rounds: int = option(1, min=1, help="rounds of all methods, alternated; medians are taken over rounds too")
+    sift_densities: list[float] = option(default_factory=lambda: [0.005, 0.01, 0.05], help="SIFT densities")
+    lora_match_density: float = option(0.01, help="LoRA's rank is chosen to match SIFT's count at this density")
+    full: bool = option(True, help="also run full fine-tuning")
+    before_kernels_density: float | None = option(
+        0.01, help="also run SIFT at this density with the previous layer kernels (dense copy + dense dW), or null"
+    )
+    deepspeed_config: str = option("ds_configs/zero2.json", help="DeepSpeed JSON for every method")
+    state_probe: bool = option(True, help="measure trainable-state bytes inside a 1-rank DeepSpeed engine")
+    probe_layers: int = option(2, min=1, help="decoder layers of the (smaller, same-width) state-probe model")
+
+
+@dataclass
+class QualityConfig:
+    """Held-out loss after the same number of steps on a real model and corpus (the demo by default)."""
+
+    enabled: bool = option(True)
+    experiment: str = option("configs/demo.yaml", help="experiment config the runs start from")
+    steps: int = option(24, min=1, help="optimizer steps per method")
+    micro_batch_size: int = option(4, min=1)
+    max_length: int = option(256, min=8)
+    ranks: int = option(2, min=1)
+    validation_size: int = option(48, min=1, help="held-out examples (all of them are evaluated)")
+    eval_every: int = option(6, min=1, help="steps between held-out losses")
+    sift_densities: list[float] = option(default_factory=lambda: [0.01, 0.05])
+    lora_match_densities: list[float] = option(default_factory=lambda: [0.01], help="one LoRA run per density")
+    full: bool = option(True)
+    sift_lr: float = option(2e-4, help="learning rate of SIFT (paper: 2e-4)")
+    lora_lr: float = option(2e-4, help="learning rate of LoRA (paper: 2e-4)")
+    full_lr: float = option(2e-5, help="learning rate of full fine-tuning (paper: 2e-5)")
+
+
+@dataclass
+class LayerStackConfig:
+    """A stack of LLaMA decoder layers in plain PyTorch (no DeepSpeed): LLaMA-7B shapes on a GPU."""
+
+    enabled: bool = option(False)
+    hidden: int = option(4096, min=8)
+    intermediate: int = option(11008, min=8)
+    heads: int = option(32, min=1)
+    layers: int = option(2, min=1)
+    seq: int = option(2048, min=1)
+    batch: int = option(1, min=1)
+    dtype: str = option("bfloat16", help="base weights and activations: bfloat16 or float32")
+    warmup_steps: int = option(3, min=0)
+    timed_steps: int = option(10, min=1)
+    rounds: int = option(1, min=1, help="rounds of all methods, alternated; step times are pooled over rounds")
+    sift_densities: list[float] = option(default_factory=lambda: [0.01, 0.05])
+    lora_match_density: float = option(0.01)
+    full: bool = option(True)
+    forced_paths: list[str] = option(
+        default_factory=list, help="extra SIFT-at-lora_match_density runs forcing a values-gradient path: dense, sampled"
+    )
+    before_kernels: bool = option(True, help="also run SIFT at lora_match_density with the previous kernels")
+    seed: int = option(0)
+
+
+@dataclass
+class KernelsConfig:
+    """The values' gradient alone: dense row blocks vs the sampled product, per density, on one matrix."""
+
+    enabled: bool = option(True)
+    out_features: int = option(2816, min=1)
+    in_features: int = option(1024, min=1)
+    tokens: int = option(256, min=1)
+    dtype: str = option("float32")
+    densities: list[float] = option(default_factory=lambda: [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
+    repeats: int = option(7, min=1)
+
+
+@dataclass
+class BenchConfig:
+    name: str = option("bench", help="label of this run in the report")
+    output_dir: str = option("benchmarks/results/cpu", help="where bench.json, bench.md and bench.png go")
+    work_dir: str = option("runs/bench", help="scratch: cost model, run directories (deleted checkpoints)")
+    cost: CostConfig = field(default_factory=CostConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    layer_stack: LayerStackConfig = field(default_factory=LayerStackConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def enabled_parts(self) -> list[str]:
+        return [part for part in PARTS if getattr(self, part).enabled]
+
+    @property
+    def output(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir)
+
+
+def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
+    """Read and validate a bench YAML with ``section.key=value`` overrides."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such bench config")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    schema.apply_overrides(raw, list(overrides))
+    try:
+        return schema.build(BenchConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
