@@ -67,7 +67,9 @@ class QualityConfig:
     full: bool = option(True)
     sift_lr: float = option(2e-4, help="learning rate of SIFT (paper: 2e-4)")
     lora_lr: float = option(2e-4, help="learning rate of LoRA (paper: 2e-4)")
-    full_lr: float = option(2e-5, help="learning rate of full fine-tuning (paper: 2e-5)")
+    full_lr: float = option(2e-5, help="learning rate of full fine-tuning (paper: 2e-5); the recovery target's reference")
+    extra_full_lrs: list[float] = option(default_factory=list, help="more full fine-tuning runs at these rates")
+    extra_lora_lrs: list[float] = option(default_factory=list, help="more LoRA runs (each matched rank) at these rates")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from sift_llm import assets
 from sift_llm.bench.common import lora_count, matching_lora_rank, median, sift_count, target_shapes
 from sift_llm.bench.config import BenchConfig, CostConfig, ModelShape
-from sift_llm.bench.runs import BEFORE_KERNELS_ENV, launch, read_run, slug
+from sift_llm.bench.runs import BEFORE_KERNELS_ENV, launch, method_section, read_run, slug
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir
 from sift_llm.runtime import log
@@ -102,18 +102,12 @@ def experiment(cost: CostConfig, model_dir: Path, data_dir: Path, variant: dict)
         "model": {"path": str(model_dir)},
         "data": {"path": cost.data, "format": "alpaca", "max_length": cost.max_length, "validation_size": 8,
                  "output_dir": str(data_dir)},
-        "method": _method(variant),
+        "method": method_section(variant),
         "train": {"max_steps": steps, "micro_batch_size": cost.micro_batch_size, "learning_rate": 1e-5,
                   "lr_scheduler": "constant", "warmup_ratio": 0.0, "eval_batches": 1, "log_every": 1,
                   "precision": "auto"},
         "deepspeed": {"config": cost.deepspeed_config},
     }
-
-
-def _method(variant: dict) -> dict:
-    from sift_llm.bench.runs import method_section
-
-    return method_section(variant)
 
 
 def summarize_run(run: dict, warmup: int) -> dict:

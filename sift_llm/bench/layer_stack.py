@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import time
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from sift_llm.bench.common import MasterAdamW, lora_count, matching_lora_rank, median, sift_count, target_shapes
+from sift_llm.bench.common import (
+    MasterAdamW,
+    lora_count,
+    matching_lora_rank,
+    median,
+    sift_count,
+    target_shapes,
+    timed,
+)
 from sift_llm.bench.config import LayerStackConfig
 from sift_llm.runtime import default_device, log
 from sift_llm.sift import layer as sift_layer
@@ -100,7 +107,7 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
                     stack(batches[0]).backward()
                 selector.finalize()
 
-            row["selection_s"] = timed_on(device, select)
+            row["selection_s"] = timed(select, device)
             row["selection_peak_bytes"] = _device_peak(device)
             row["selection_start_bytes"] = before
             params = handle.trainable_parameters()
@@ -129,7 +136,7 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
             return run
 
         reset_peak_memory(device)
-        times = [timed_on(device, step(hidden)) for hidden in batches[1:]]
+        times = [timed(step(hidden), device) for hidden in batches[1:]]
         row["peak_bytes"] = _device_peak(device)
     timed_times = times[cfg.warmup_steps:]
     row["step_time_s"] = median(timed_times)
@@ -140,16 +147,6 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
     del optimizer, stack, batches, params
     _free(device)
     return row
-
-
-def timed_on(device: torch.device, fn) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
 
 
 def variants(cfg: LayerStackConfig) -> tuple[list[dict], dict]:

@@ -23,10 +23,13 @@ def plan(quality: QualityConfig, shapes: list[tuple[int, int]]) -> list[dict]:
             "trainable": sift_count(shapes, d)} for d in quality.sift_densities]
     for d in quality.lora_match_densities:
         r = matching_lora_rank(shapes, d)
-        out.append({"label": f"lora-r{r}", "method": "lora", "r": r, "lr": quality.lora_lr,
-                    "trainable": lora_count(shapes, r), "matches": f"sift-{d * 100:g}%"})
+        for i, lr in enumerate([quality.lora_lr, *quality.extra_lora_lrs]):
+            out.append({"label": f"lora-r{r}" + (f" (lr {lr:g})" if i else ""), "method": "lora", "r": r, "lr": lr,
+                        "trainable": lora_count(shapes, r), "matches": f"sift-{d * 100:g}%"})
     if quality.full:
         out.append({"label": "full", "method": "full", "lr": quality.full_lr, "trainable": None})
+        for lr in quality.extra_full_lrs:
+            out.append({"label": f"full (lr {lr:g})", "method": "full", "lr": lr, "trainable": None})
     return out
 
 

@@ -16,7 +16,6 @@ from sift_llm.bench.targets import (
 )
 from sift_llm.fsio import atomic_write_text
 
-GIB = 2**30
 
 
 def _f(value, digits: int = 2, suffix: str = "") -> str:
@@ -124,7 +123,7 @@ def cost_section(cost: dict) -> list[str]:
 
 def quality_section(quality: dict) -> list[str]:
     base = quality["base"]["eval_loss"]
-    full = next((row for row in quality["rows"] if row["method"] == "full"), None)
+    full = next((row for row in quality["rows"] if row["label"] == "full"), None)
     lines = [
         "### Quality: held-out loss after the same steps",
         "",
@@ -140,6 +139,12 @@ def quality_section(quality: dict) -> list[str]:
         table.append([row["label"], _count(row["trainable"]), f"{row['lr']:g}", _f(row["eval_loss"], 4),
                       _f(base - row["eval_loss"], 4), _f(share * 100 if share is not None else None, 1, "%")])
     lines += _table(["method", "trainable", "lr", "held-out loss", "reduction", "share of full's reduction"], table)
+    others = [row for row in quality["rows"] if row["method"] == "full" and row["label"] != "full"]
+    sift = [row for row in quality["rows"] if row["method"] == "sift"]
+    for other in others:
+        shares = [f"{row['label']} {recovery(base, row['eval_loss'], other['eval_loss']) * 100:.1f}%"
+                  for row in sift if recovery(base, row["eval_loss"], other["eval_loss"]) is not None]
+        lines += ["", f"Against {other['label']} (held-out loss {other['eval_loss']:.4f}) instead: " + ", ".join(shares) + "."]
     return lines
 
 

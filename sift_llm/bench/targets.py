@@ -44,6 +44,7 @@ def find(rows: list[dict], label: str) -> dict | None:
 
 
 def baselines(rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """The first LoRA and the first full fine-tuning row: the references ratios are taken against."""
     lora = next((row for row in rows if row["method"] == "lora"), None)
     full = next((row for row in rows if row["method"] == "full"), None)
     return lora, full
@@ -98,7 +99,7 @@ def recovery(base_loss: float, sift_loss: float, full_loss: float) -> float | No
 
 
 def quality_targets(quality: dict, match_label: str = "sift-1%") -> list[dict]:
-    full = next((row for row in quality["rows"] if row["method"] == "full"), None)
+    full = find(quality["rows"], "full")  # the reference: full fine-tuning at its own (paper) rate
     sift = find(quality["rows"], match_label)
     if full is None or sift is None:
         return []
