@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sift-llm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"sift_llm.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"sift_llm.commands.{name}":
-                continue  # a stage not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"sift_llm.commands.{name}").register(subparsers)
     return parser
 
 
