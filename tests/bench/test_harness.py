@@ -69,6 +69,7 @@ def test_cost_and_quality_through_the_trainer(tmp_path, tiny_model_dir):
         f"quality.experiment={experiment}", "quality.steps=2", "quality.micro_batch_size=2", "quality.max_length=96",
         "quality.validation_size=4", "quality.eval_every=1", "quality.sift_densities=[0.05]",
         "quality.lora_match_densities=[0.05]", "quality.sift_lr=0.01", "quality.lora_lr=0.01", "quality.full_lr=0.01",
+        "quality.extra_full_lrs=[]", "quality.extra_lora_lrs=[]",
     ]
     assert main(["bench", "--only", "cost,quality", "--output", str(out), "benchmarks/cpu.yaml", *overrides]) == 0
     results, text = read(out)
