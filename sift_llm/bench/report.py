@@ -13,6 +13,7 @@ from sift_llm.bench.targets import (
     ratio,
     recovery,
     reduced_bytes,
+    step_ratio,
 )
 from sift_llm.fsio import atomic_write_text
 
@@ -65,7 +66,9 @@ def cost_section(cost: dict) -> list[str]:
         f"entries in the q/k/v/o/gate/up/down matrices). {cost['ranks']} ranks through `launch.sh` and DeepSpeed "
         f"(`{cost['deepspeed_config']}`), micro-batch {cost['micro_batch_size']} x {cost['max_length']} tokens per rank, "
         f"fp32. Step time: median of {cost['timed_steps']} steps after {cost['warmup_steps']} warm-up steps, pooled "
-        f"over {cost['rounds']} round(s) of all methods (alternated, odd rounds reversed). Memory: {memory_name} over "
+        f"over {cost['rounds']} round(s) of all methods (alternated, odd rounds reversed); the x LoRA / x full "
+        "columns are the median over rounds of each round's ratio, so load from other work on the machine, which "
+        f"changes over minutes, cancels within a round. Memory: {memory_name} over "
         "the training steps (weights, optimizer state, activations; the process baseline of Python, torch and "
         "DeepSpeed included). CPU s/step: rank 0's process CPU time per step, which a busy machine inflates less "
         "than wall time. Bytes per step: payload handed to torch.distributed collectives on one rank.",
@@ -81,8 +84,7 @@ def cost_section(cost: dict) -> list[str]:
         table.append([
             row["label"], _count(row.get("trainable")), _bytes(mem),
             _f(ratio(mem, peak(lora))), _f(ratio(mem, peak(full))),
-            _f(row["step_time_s"], 3), _f(ratio(row["step_time_s"], lora["step_time_s"] if lora else None)),
-            _f(ratio(row["step_time_s"], full["step_time_s"] if full else None)),
+            _f(row["step_time_s"], 3), _f(step_ratio(row, lora)), _f(step_ratio(row, full)),
             _f(row.get("step_cpu_s"), 3), _f(ratio(row.get("step_cpu_s"), lora.get("step_cpu_s") if lora else None)),
             _f(row.get("tokens_per_s"), 0), _bytes(reduced),
             _f(ratio(reduced, 4 * row["trainable"]) if row.get("trainable") else None, 3),
@@ -129,7 +131,7 @@ def quality_section(quality: dict) -> list[str]:
         "",
         f"SmolLM2-135M-Instruct on the Alpaca demo corpus (`{quality['experiment']}`), {quality['ranks']} ranks x "
         f"{quality['micro_batch_size']} examples x {quality['max_length']} tokens, {quality['steps']} steps, the paper's "
-        f"learning rates; held-out loss over all {quality['base']['examples']} validation examples. Base model: "
+        f"learning rates (SIFT and LoRA 2e-4, full fine-tuning 2e-5) and the extra rates shown; held-out loss over all {quality['base']['examples']} validation examples. Base model: "
         f"**{base:.4f}**.",
         "",
     ]
@@ -159,7 +161,7 @@ def stack_section(stack: dict) -> list[str]:
         f"{shape['intermediate']}, {shape['heads']} heads), {shape['dtype']}, batch {shape['batch']} x {shape['seq']} "
         f"tokens, no DeepSpeed; AdamW with an fp32 master for bf16 parameters. Step time: median of "
         f"{stack['timed_steps']} steps after {stack['warmup_steps']} warm-up, pooled over {stack.get('rounds', 1)} "
-        "round(s). Memory: CUDA max allocated over the steps.",
+        "round(s); ratios are the median over rounds of each round's ratio. Memory: CUDA max allocated over the steps.",
         "",
     ]
     table = []
@@ -167,8 +169,8 @@ def stack_section(stack: dict) -> list[str]:
         table.append([
             row["label"], _count(row["trainable"]), _bytes(row["peak_bytes"]),
             _f(ratio(row["peak_bytes"], lora["peak_bytes"])), _f(ratio(row["peak_bytes"], full["peak_bytes"])),
-            _f(row["step_time_s"] * 1e3, 1), _f(ratio(row["step_time_s"], lora["step_time_s"])),
-            _f(ratio(row["step_time_s"], full["step_time_s"])), _f(row["tokens_per_s"], 0),
+            _f(row["step_time_s"] * 1e3, 1), _f(step_ratio(row, lora)), _f(step_ratio(row, full)),
+            _f(row["tokens_per_s"], 0),
             _f(row["state_bytes"] / row["trainable"], 1),
             _f(row.get("selection_s") and row["selection_s"] * 1e3, 0),
             _f(ratio(row.get("selection_s"), row["step_time_s"]), 2),
@@ -235,6 +237,7 @@ def render_chart(results: dict, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     parts = results.get("parts", {})
     panels = [name for name in ("cost", "layer_stack", "quality", "kernels") if name in parts]
@@ -248,7 +251,7 @@ def render_chart(results: dict, path: Path) -> Path | None:
             _, full = baselines(rows)
             labels = [row["label"].replace(" (", "\n(") for row in rows]
             memory = [ratio(peak(row), peak(full)) or 0 for row in rows]
-            step = [ratio(row["step_time_s"], full["step_time_s"]) or 0 for row in rows]
+            step = [step_ratio(row, full) or 0 for row in rows]
             xs = range(len(rows))
             ax.bar([x - 0.2 for x in xs], memory, 0.4, label="peak memory")
             ax.bar([x + 0.2 for x in xs], step, 0.4, label="step time")
@@ -279,6 +282,8 @@ def render_chart(results: dict, path: Path) -> Path | None:
             ax.plot(densities, [row["sampled_dw_s"] * 1e3 for row in part["rows"]], marker="o", label="sampled (SDDMM)")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_xlabel("density (%)")
             ax.set_ylabel("values' gradient (ms)")
             ax.set_title(f"SIFT dW kernels ({part['device']})", fontsize=10)

@@ -97,3 +97,28 @@ def test_evaluate_reads_every_part():
     assert scopes == {"cost (cpu, 2 ranks)", "layer stack (GPU)"}
     cpu_selection = [t for t in targets if t["name"] == "selection_time" and t["scope"].startswith("cost")]
     assert cpu_selection[0]["measured"] == pytest.approx(3.0) and cpu_selection[0]["met"] is False
+
+
+def test_step_ratio_pairs_rounds():
+    from sift_llm.bench.targets import step_ratio
+
+    # Round 1 ran under load, round 2 on a quiet machine: per-round ratios agree, pooled medians would not.
+    sift = {"step_time_s": 2.9, "round_step_time_s": [4.0, 2.0]}
+    lora = {"step_time_s": 1.8, "round_step_time_s": [3.6, 1.8]}
+    assert step_ratio(sift, lora) == pytest.approx((4.0 / 3.6 + 2.0 / 1.8) / 2)
+    three = {"round_step_time_s": [1.0, 1.2, 9.0]}
+    base = {"round_step_time_s": [1.0, 1.0, 1.0]}
+    assert step_ratio(three, base) == pytest.approx(1.2)  # the middle round's ratio
+    assert step_ratio({"step_time_s": 2.0}, {"step_time_s": 1.0, "round_step_time_s": [1.0]}) == 2.0
+    assert step_ratio(sift, None) is None
+
+
+def test_quality_targets_also_against_extra_full_rows():
+    quality = {"base": {"eval_loss": 2.0}, "rows": [
+        {"label": "sift-1%", "method": "sift", "eval_loss": 1.7},
+        {"label": "full", "method": "full", "eval_loss": 1.7},
+        {"label": "full (lr 0.0002)", "method": "full", "eval_loss": 1.5},
+    ]}
+    reference, other = quality_targets(quality)
+    assert reference["measured"] == pytest.approx(1.0) and reference["met"]
+    assert "full (lr 0.0002)" in other["target"] and other["measured"] == pytest.approx(0.6) and not other["met"]
