@@ -10,7 +10,7 @@ from sift_llm import __version__
 from sift_llm.errors import UserError
 
 # Each module under sift_llm.commands defines register(subparsers); heavy imports stay inside run().
-COMMANDS = ["assets", "data", "train", "eval", "report", "bench", "analyze", "config"]
+COMMANDS = ["assets", "data", "train", "eval", "export", "report", "bench", "analyze", "config"]
 
 
 def build_parser() -> argparse.ArgumentParser:
