@@ -18,7 +18,7 @@ import torch
 from sift_llm import assets
 from sift_llm.bench.common import lora_count, matching_lora_rank, median, sift_count, target_shapes
 from sift_llm.bench.config import BenchConfig, CostConfig, ModelShape
-from sift_llm.bench.runs import BEFORE_KERNELS_ENV, launch, method_section, read_run, slug
+from sift_llm.bench.runs import launch, method_section, read_run, slug
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir
 from sift_llm.runtime import log
@@ -221,8 +221,7 @@ def run_cost(cfg: BenchConfig) -> dict:
         for variant in order:
             log(f"bench cost, round {round_index + 1}/{cost.rounds}: {variant['label']}")
             run_dir = work / "cost" / slug(variant["label"]) / f"round{round_index + 1}"
-            env = BEFORE_KERNELS_ENV if variant.get("before") else None
-            launch(experiment(cost, model_dir, data_dir, variant), run_dir, cost.ranks, env=env)
+            launch(experiment(cost, model_dir, data_dir, variant), run_dir, cost.ranks)
             summary = summarize_run(read_run(run_dir), cost.warmup_steps)
             summary["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine during the run
             runs[variant["label"]].append(summary)

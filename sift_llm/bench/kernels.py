@@ -12,7 +12,6 @@ from torch import nn
 
 from sift_llm.bench.common import median, timed
 from sift_llm.bench.config import KernelsConfig
-from sift_llm.bench.layer_stack import kernels
 from sift_llm.runtime import default_device
 from sift_llm.sift import SiftLinear
 from sift_llm.sift.layer import sampled_weight_grad, sddmm_values_grad
@@ -52,10 +51,10 @@ def run_kernels(cfg: KernelsConfig) -> dict:
             x_train.grad = None
             (layer(x_train) * grad).sum().backward()
 
-        with kernels("clone", "dense"):
-            before_s = _best(train_pass, device, cfg.repeats)
-        with kernels("patch", "auto"):
-            after_s = _best(train_pass, device, cfg.repeats)
+        layer.merge, layer.values_grad = "clone", "dense"
+        before_s = _best(train_pass, device, cfg.repeats)
+        layer.merge, layer.values_grad = "patch", "auto"
+        after_s = _best(train_pass, device, cfg.repeats)
         rows.append({"density": density, "k": k, "dense_dw_s": dense_s, "sampled_dw_s": sampled_s,
                      "pass_before_s": before_s, "pass_after_s": after_s, "pass_frozen_s": frozen_s})
         del layer

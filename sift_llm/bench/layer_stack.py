@@ -9,9 +9,7 @@ tokens/s, trainable-state bytes, and the selection pass's time and peak memory.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -27,7 +25,6 @@ from sift_llm.bench.common import (
 )
 from sift_llm.bench.config import LayerStackConfig
 from sift_llm.runtime import default_device, log
-from sift_llm.sift import layer as sift_layer
 from sift_llm.train.metrics import peak_memory, reset_peak_memory
 
 
@@ -57,17 +54,6 @@ class DecoderStack(nn.Module):
         return hidden.float().square().mean()
 
 
-@contextlib.contextmanager
-def kernels(merge: str, values_grad: str) -> Iterator[None]:
-    """Run with the given SIFT layer paths ("clone"/"patch", "auto"/"dense"/"sampled"), then restore."""
-    saved = sift_layer.MERGE, sift_layer.VALUES_GRAD
-    sift_layer.MERGE, sift_layer.VALUES_GRAD = merge, values_grad
-    try:
-        yield
-    finally:
-        sift_layer.MERGE, sift_layer.VALUES_GRAD = saved
-
-
 def _device_peak(device: torch.device) -> int:
     peak = peak_memory(device)
     return peak.get("cuda_max_allocated_bytes", peak["rss_peak_bytes"])
@@ -94,50 +80,51 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
     ]
     row: dict = {"label": variant["label"], "method": variant["method"]}
     method = variant["method"]
-    with kernels(variant.get("merge", "patch"), variant.get("values_grad", "auto")):
-        if method == "sift":
-            stack.requires_grad_(False)
-            handle = attach_sift(stack, SiftConfig(density=variant["density"]))
-            reset_peak_memory(device)
-            before = _device_peak(device)
-            selector = handle.selector()
-
-            def select():
-                with selector.calibrating():
-                    stack(batches[0]).backward()
-                selector.finalize()
-
-            row["selection_s"] = timed(select, device)
-            row["selection_peak_bytes"] = _device_peak(device)
-            row["selection_start_bytes"] = before
-            params = handle.trainable_parameters()
-            row["trainable"] = sum(layer.k for layer in handle.layers.values())
-            row["index_bytes"] = sum(layer.indices.numel() * layer.indices.element_size() for layer in handle.layers.values())
-        elif method == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            stack.requires_grad_(False)
-            inject_adapter_in_model(LoraConfig(r=variant["r"], lora_alpha=2 * variant["r"], target_modules=variant["targets"]), stack)
-            params = [p for p in stack.parameters() if p.requires_grad]
-            row["trainable"] = sum(p.numel() for p in params)
-            row["index_bytes"] = 0
-        else:
-            stack.requires_grad_(True)
-            params = list(stack.parameters())
-            row["trainable"] = sum(p.numel() for p in params)
-            row["index_bytes"] = 0
-        optimizer = MasterAdamW(params, lr=1e-5)
-
-        def step(hidden):
-            def run():
-                stack(hidden).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            return run
-
+    if method == "sift":
+        stack.requires_grad_(False)
+        config = SiftConfig(density=variant["density"], merge=variant.get("merge", "patch"),
+                            values_grad=variant.get("values_grad", "auto"))
+        handle = attach_sift(stack, config)
         reset_peak_memory(device)
-        times = [timed(step(hidden), device) for hidden in batches[1:]]
-        row["peak_bytes"] = _device_peak(device)
+        before = _device_peak(device)
+        selector = handle.selector()
+
+        def select():
+            with selector.calibrating():
+                stack(batches[0]).backward()
+            selector.finalize()
+
+        row["selection_s"] = timed(select, device)
+        row["selection_peak_bytes"] = _device_peak(device)
+        row["selection_start_bytes"] = before
+        params = handle.trainable_parameters()
+        row["trainable"] = sum(layer.k for layer in handle.layers.values())
+        row["index_bytes"] = sum(layer.indices.numel() * layer.indices.element_size() for layer in handle.layers.values())
+    elif method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        stack.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=variant["r"], lora_alpha=2 * variant["r"], target_modules=variant["targets"]), stack)
+        params = [p for p in stack.parameters() if p.requires_grad]
+        row["trainable"] = sum(p.numel() for p in params)
+        row["index_bytes"] = 0
+    else:
+        stack.requires_grad_(True)
+        params = list(stack.parameters())
+        row["trainable"] = sum(p.numel() for p in params)
+        row["index_bytes"] = 0
+    optimizer = MasterAdamW(params, lr=1e-5)
+
+    def step(hidden):
+        def run():
+            stack(hidden).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return run
+
+    reset_peak_memory(device)
+    times = [timed(step(hidden), device) for hidden in batches[1:]]
+    row["peak_bytes"] = _device_peak(device)
     timed_times = times[cfg.warmup_steps:]
     row["step_time_s"] = median(timed_times)
     row["step_times_s"] = timed_times

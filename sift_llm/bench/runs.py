@@ -17,8 +17,9 @@ from sift_llm.runtime import log
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a run leaves that the bench does not read: large, and rewritten by every run.
 SCRATCH = ("checkpoints", "adapter", "merged", "tensorboard")
-# The SIFT layer's previous kernels (a dense copy of W per product, dense row-block dW), for before/after rows.
-BEFORE_KERNELS_ENV = {"SIFT_LLM_MERGE": "clone", "SIFT_LLM_VALUES_GRAD": "dense"}
+# The SIFT layer's previous kernels (a dense copy of W per product, dense row-block dW), for before/after rows:
+# layer options of the sift config section (method.sift.merge / method.sift.values_grad).
+BEFORE_KERNELS = {"merge": "clone", "values_grad": "dense"}
 
 
 def slug(label: str) -> str:
@@ -34,7 +35,8 @@ def _free_port() -> int:
 def method_section(variant: dict) -> dict:
     """The experiment config's ``method:`` section for a bench variant."""
     if variant["method"] == "sift":
-        return {"name": "sift", "sift": {"density": variant["density"]}}
+        kernels = BEFORE_KERNELS if variant.get("before") else {}
+        return {"name": "sift", "sift": {"density": variant["density"], **kernels}}
     if variant["method"] == "lora":
         return {"name": "lora", "lora": {"r": variant["r"], "alpha": 2.0 * variant["r"]}}
     return {"name": "full"}

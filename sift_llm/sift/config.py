@@ -66,6 +66,18 @@ class SiftConfig:
         help="dtype of the trainable values in plain PyTorch (DeepSpeed bf16/fp16 casts them and keeps an fp32 master)",
     )
     seed: int = option(0, help="seed of the random metric; identical on every rank")
+    values_grad: Literal["auto", "dense", "sampled", "triton"] = option(
+        "auto",
+        help="kernel for the values' gradient (grad_out^T x at the indices): auto = the per-device cost rule; "
+        "dense = dense row blocks gathered at the indices; sampled = torch.sparse.sampled_addmm (SDDMM); "
+        "triton = the Triton tile kernel (CUDA with triton installed). Every path gives the same gradient",
+    )
+    merge: Literal["patch", "clone", "increment"] = option(
+        "patch",
+        help="how W + scatter(values) enters each product: patch = W patched in place at the indices and "
+        "restored (bitwise the same as clone, no copy); clone = a transient dense copy; increment = "
+        "x @ W^T plus a separate sparse product x @ S^T (W untouched, as a quantized base needs)",
+    )
 
     def __post_init__(self) -> None:
         if not self.targets:

@@ -9,19 +9,24 @@ backward returns the gradient of ``values`` (and of ``x``) only.
 
 - The effective weight ``W + scatter(values)`` is formed by patching the frozen weight at the k selected
   positions for the duration of one product and restoring those entries bit for bit afterwards: O(k) work
-  and memory instead of a transient dense copy of W (``MERGE = "clone"`` keeps the copy).
-- The values' gradient ``(grad_out^T @ x)[indices]`` takes one of two exact paths, chosen per layer by a
-  cost rule (:func:`values_grad_path`): a sampled product (SDDMM, ``torch.sparse.sampled_addmm``) whose cost
-  is about density x the dense product, or the dense product computed one block of output rows at a time,
-  gathered at the indices and freed (row blocks holding no selected entry are skipped). The dense weight
-  gradient is never materialised whole either way.
+  and memory instead of a transient dense copy of W (layer option ``merge="clone"`` keeps the copy). With
+  ``merge="increment"`` W is never touched: the output is ``x @ W^T + x @ S^T`` with the sparse product
+  computed on its own (the path a quantized base needs).
+- The values' gradient ``(grad_out^T @ x)[indices]`` takes one of three exact paths, chosen per layer by a
+  per-device cost rule (:func:`values_grad_path`, layer option ``values_grad``): a Triton tile kernel
+  (CUDA, :mod:`sift_llm.sift.kernels.triton_ops`) or a sampled product (SDDMM, ``torch.sparse.sampled_addmm``),
+  both costing about density x the dense product, or the dense product computed one block of output rows at
+  a time, gathered at the indices and freed (row blocks holding no selected entry are skipped). The dense
+  weight gradient is never materialised whole on any path.
+
+The layer options come from :class:`~sift_llm.sift.config.SiftConfig` (``values_grad``, ``merge``) through
+:func:`~sift_llm.sift.model.attach_sift`; there are no process-wide switches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -30,22 +35,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from sift_llm.errors import UserError
+from sift_llm.sift import kernels
 
 # Upper bound on the entries of one transient weight-gradient block (64 MiB in fp32).
 GRAD_BLOCK_ELEMENTS = 1 << 24
 
-# The values' gradient path: "auto" applies the cost rule below; "dense" or "sampled" force one path
-# (benchmarks and tests). Read once from SIFT_LLM_VALUES_GRAD.
-VALUES_GRAD = os.environ.get("SIFT_LLM_VALUES_GRAD", "auto")
+# The values' gradient paths (layer option ``values_grad``): "auto" applies the cost rule below, the others
+# force one path. Every path computes the same gradient.
+VALUES_GRAD_PATHS = ("auto", "dense", "sampled", "triton")
+# How W + scatter(values) enters the products (layer option ``merge``): "patch" (in place at the k
+# positions, restored), "clone" (a transient dense copy) or "increment" (W untouched, a separate sparse product).
+MERGE_PATHS = ("patch", "clone", "increment")
 # Below this density (selected / matrix entries) the sampled product beats the dense row-block product on
-# that device type; device types not listed always take the dense path. The dense product runs near the
-# matrix units' peak while the sampled one is bound by gathering, so the crossover is far lower on a GPU.
+# that device type; device types not listed never take it. The dense product runs near the matrix units'
+# peak while the sampled one is bound by gathering, so the crossover is far lower on a GPU.
 # Measured with `sift-llm bench --only kernels` (benchmarks/README.md): on 2 CPU cores the sampled path
-# won up to ~10% density; on an H100 in bf16 the dense path won at every density measured (0.1%-5%).
+# won up to ~10% density; on an H100 in bf16 torch's sampled product lost at every density measured (0.1%-5%).
 SAMPLED_MAX_DENSITY = {"cpu": 0.08}
-# How the effective weight is formed: "patch" (in place at the k positions, restored) or "clone" (a dense copy).
-# Read once from SIFT_LLM_MERGE.
-MERGE = os.environ.get("SIFT_LLM_MERGE", "patch")
+# Below this density the Triton tile kernel takes the values' gradient on that device type (when triton is
+# importable). NOT YET MEASURED: set from the kernel's L2-traffic model (sift_llm/sift/kernels/triton_ops.py:
+# ~2x faster than the dense GEMM at 0.5%, even at ~1%, slower from ~2% for a uniformly random pattern, better
+# for clustered gradient patterns). Replace with the crossover `scripts/gpu_checks.sh` measures.
+TRITON_MAX_DENSITY = {"cuda": 0.015}
+# Tile shape of the Triton kernels' plan (rows per group, union columns per tile); see kernels/plan.py.
+TRITON_GROUP_ROWS = 16
+TRITON_TILE_COLS = 128
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -72,17 +86,19 @@ def merged_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Ten
 
 
 @contextlib.contextmanager
-def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> Iterator[torch.Tensor]:
+def effective_weight(
+    weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, merge: str = "patch"
+) -> Iterator[torch.Tensor]:
     """``weight + scatter(values)`` for the body of the ``with`` block, equal bit for bit to :func:`merged_weight`.
 
     By default the frozen weight itself is patched at the selected positions (the sum rounded exactly as
     :func:`add_increment_` rounds it) and the saved original entries are written back on exit, so no dense
     copy is made. The patch goes through ``weight.data``, whose version counter is not the one autograd
     checks for the tensor it saved. Products issued inside the block are ordered before the restore (CPU
-    ops are synchronous; CUDA ops share one stream). A non-contiguous weight, or ``MERGE = "clone"``,
+    ops are synchronous; CUDA ops share one stream). A non-contiguous weight, or ``merge="clone"``,
     gets a transient dense copy instead.
     """
-    if MERGE == "clone" or not weight.is_contiguous():
+    if merge == "clone" or not weight.is_contiguous():
         yield merged_weight(weight, values, indices)
         return
     flat = weight.data.view(-1)
@@ -148,17 +164,33 @@ def _sampled_supports(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def values_grad_path(numel: int, k: int, device: torch.device) -> str:
-    """"sampled" or "dense": the cheaper exact way to compute ``k`` of ``numel`` weight-gradient entries on ``device``.
+def values_grad_path(numel: int, k: int, device: torch.device, requested: str = "auto",
+                     dtype: torch.dtype | None = None) -> str:
+    """"triton", "sampled" or "dense": the cheaper exact way to compute ``k`` of ``numel`` weight-gradient
+    entries on ``device`` (in ``dtype``), or the ``requested`` path when it is not "auto".
 
-    The sampled product costs about ``k / numel`` of the dense one in arithmetic but runs at gather speed,
-    so it wins below a device-dependent density (:data:`SAMPLED_MAX_DENSITY`); ``VALUES_GRAD`` overrides.
+    The Triton and sampled products cost about ``k / numel`` of the dense one in arithmetic but run at gather
+    speed, so each wins below a device-dependent density (:data:`TRITON_MAX_DENSITY`, which needs triton and
+    a bf16/fp16/fp32 gradient, then :data:`SAMPLED_MAX_DENSITY`).
     """
-    if VALUES_GRAD in ("dense", "sampled"):
-        return VALUES_GRAD
-    if VALUES_GRAD != "auto":
-        raise ValueError(f"SIFT_LLM_VALUES_GRAD must be auto, dense or sampled, got {VALUES_GRAD!r}")
+    if requested not in VALUES_GRAD_PATHS:
+        raise ValueError(f"values_grad must be one of {', '.join(VALUES_GRAD_PATHS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    triton_dtype = dtype is None or dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if (k < TRITON_MAX_DENSITY.get(device.type, 0.0) * numel and triton_dtype
+            and kernels.triton_usable(device)):
+        return "triton"
     return "sampled" if k < SAMPLED_MAX_DENSITY.get(device.type, 0.0) * numel else "dense"
+
+
+def _require_triton(layer: SiftLinear, device: torch.device) -> None:
+    if not kernels.triton_usable(device):
+        why = "triton is not installed" if not kernels.triton_importable() else f"the tensors are on {device}"
+        raise UserError(
+            f"{layer.sift_name}: values_grad 'triton' needs CUDA tensors and the triton package ({why}); "
+            "use values_grad 'auto' to let the cost rule pick a path"
+        )
 
 
 class _SparseIncrementLinear(torch.autograd.Function):
@@ -176,7 +208,11 @@ class _SparseIncrementLinear(torch.autograd.Function):
         # While calibrating the values are still zero, so the base weight is the effective weight.
         if ctx.observer is not None:
             return F.linear(x, weight, bias)
-        with effective_weight(weight, values, indices) as effective:
+        if layer.merge == "increment":
+            out = F.linear(x, weight, bias)
+            layer.increment_product(x.reshape(-1, x.shape[-1]).to(out.dtype), values, out.view(-1, out.shape[-1]))
+            return out
+        with effective_weight(weight, values, indices, layer.merge) as effective:
             return F.linear(x, effective, bias)
 
     @staticmethod
@@ -185,11 +221,17 @@ class _SparseIncrementLinear(torch.autograd.Function):
         # Under autocast the output (and so grad_out) may be narrower than x and W: compute in its dtype.
         dtype = grad_out.dtype
         grad_x = grad_values = None
+        layer = ctx.layer
         if ctx.needs_input_grad[0]:
             if ctx.observer is not None:
                 grad_x = (grad_out @ weight.to(dtype)).to(x.dtype)
+            elif layer.merge == "increment":
+                grad_x = grad_out @ weight.to(dtype)
+                layer.increment_product(grad_out.reshape(-1, grad_out.shape[-1]), values,
+                                        grad_x.view(-1, grad_x.shape[-1]), transposed=True)
+                grad_x = grad_x.to(x.dtype)
             else:
-                with effective_weight(weight, values, indices) as effective:
+                with effective_weight(weight, values, indices, layer.merge) as effective:
                     grad_x = (grad_out @ effective.to(dtype)).to(x.dtype)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -197,8 +239,11 @@ class _SparseIncrementLinear(torch.autograd.Function):
             # Calibration: score this matrix's dense gradient now, then drop it; the values get no gradient.
             ctx.observer.observe(ctx.layer, grad_2d.t() @ x_2d, weight)
         elif ctx.needs_input_grad[3]:
-            layer = ctx.layer
-            if values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device) == "sampled":
+            path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype)
+            if path == "triton":
+                _require_triton(layer, grad_2d.device)
+                grad_values = kernels.triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
+            elif path == "sampled":
                 grad_values = sddmm_values_grad(grad_2d, x_2d, indices, layer.in_features)
             else:
                 grad_values = sampled_weight_grad(grad_2d, x_2d, indices, layer.row_blocks())
@@ -219,13 +264,21 @@ class SiftLinear(nn.Linear):
     indices: torch.Tensor
 
     @classmethod
-    def convert(cls, linear: nn.Linear, name: str, k: int, values_dtype: torch.dtype) -> SiftLinear:
-        """Turn ``linear`` into a SiftLinear in place with room for ``k`` values (all zero, not yet selected)."""
+    def convert(cls, linear: nn.Linear, name: str, k: int, values_dtype: torch.dtype, *, values_grad: str = "auto",
+                merge: str = "patch") -> SiftLinear:
+        """Turn ``linear`` into a SiftLinear in place with room for ``k`` values (all zero, not yet selected).
+
+        ``values_grad`` and ``merge`` choose the layer's kernels (:data:`VALUES_GRAD_PATHS`, :data:`MERGE_PATHS`).
+        """
         if type(linear) is not nn.Linear:
             raise UserError(f"{name}: SIFT targets plain nn.Linear modules, got {type(linear).__name__}")
         numel = linear.in_features * linear.out_features
         if not 0 <= k <= numel:
             raise ValueError(f"{name}: cannot select {k} of {numel} entries")
+        if values_grad not in VALUES_GRAD_PATHS:
+            raise ValueError(f"{name}: values_grad must be one of {', '.join(VALUES_GRAD_PATHS)}, got {values_grad!r}")
+        if merge not in MERGE_PATHS:
+            raise ValueError(f"{name}: merge must be one of {', '.join(MERGE_PATHS)}, got {merge!r}")
         device = linear.weight.device
         linear.__class__ = cls
         linear.weight.requires_grad_(False)
@@ -239,6 +292,10 @@ class SiftLinear(nn.Linear):
         linear._observer = None
         linear._blocks_key = None
         linear._blocks = []
+        linear.values_grad = values_grad
+        linear.merge = merge
+        linear._kernel_key = None
+        linear._kernel_cache = {}
         return linear
 
     @property
@@ -278,6 +335,7 @@ class SiftLinear(nn.Linear):
                 self.values.zero_()
         self.indices = indices.to(device=device, dtype=index_dtype(n))
         self._blocks_key = None
+        self._kernel_key = None
         self.selected = True
 
     def _install_values(self, count: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -312,6 +370,59 @@ class SiftLinear(nn.Linear):
             self._blocks_key = key
         return self._blocks
 
+    def _kernel_state(self, name: str, build):
+        """A per-selection structure of the kernels (plans, CSR patterns), built once and cached like
+        :meth:`row_blocks`; not part of the state dict."""
+        indices = self.indices
+        key = (indices._version, indices.numel(), indices.data_ptr(), indices.device)
+        if key != self._kernel_key:
+            self._kernel_cache = {}
+            self._kernel_key = key
+        if name not in self._kernel_cache:
+            self._kernel_cache[name] = build()
+        return self._kernel_cache[name]
+
+    def tile_plan(self, transposed: bool = False) -> kernels.TilePlan:
+        """The Triton kernels' tile plan of the indices (or of S^T's, for the input gradient's product)."""
+        if not transposed:
+            return self._kernel_state("plan", lambda: kernels.build_tile_plan(
+                self.indices, self.out_features, self.in_features, TRITON_GROUP_ROWS, TRITON_TILE_COLS))
+
+        def build():
+            indices_t, perm = kernels.transposed_pattern(self.indices, self.out_features, self.in_features)
+            plan = kernels.build_tile_plan(indices_t, self.in_features, self.out_features, TRITON_GROUP_ROWS,
+                                           TRITON_TILE_COLS)
+            return plan, perm
+        return self._kernel_state("plan_t", build)
+
+    def _increment_on_triton(self, tensor: torch.Tensor) -> bool:
+        if self.values_grad == "triton":
+            _require_triton(self, tensor.device)
+            return True
+        return (self.values_grad == "auto" and tensor.device.type == "cuda"
+                and tensor.dtype in (torch.bfloat16, torch.float16, torch.float32) and kernels.triton_usable(tensor.device))
+
+    def increment_product(self, inputs: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+                          transposed: bool = False) -> None:
+        """``out += inputs @ S^T`` (``transposed``: ``out += inputs @ S``) for the sparse increment S, with 2-D
+        ``inputs`` and ``out`` (tokens first): the Triton kernel where it runs, else a CSR product."""
+        if self.k == 0:
+            return
+        if self._increment_on_triton(inputs):
+            ops = kernels.triton_ops()
+            if transposed:
+                plan, perm = self.tile_plan(transposed=True)
+                values = values.detach()[perm]
+            else:
+                plan = self.tile_plan()
+            ops.increment_matmul(inputs.contiguous(), plan, values, out)
+            return
+        patterns = self._kernel_state("csr", lambda: kernels.increment_patterns(
+            self.indices, self.out_features, self.in_features))
+        product = (kernels.increment_matmul_transposed if transposed else kernels.increment_matmul)(
+            inputs, patterns, values)
+        out.add_(product.to(out.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observer is None:
             if not self.selected:
@@ -331,6 +442,7 @@ class SiftLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "indices" in state_dict:
             self._blocks_key = None
+            self._kernel_key = None
             self.selected = True
 
     def fold_and_revert(self) -> nn.Linear:
@@ -339,10 +451,12 @@ class SiftLinear(nn.Linear):
             add_increment_(self.weight.data.view(-1), self.indices, self.values)
         for attr in ("values", "indices"):
             delattr(self, attr)
-        for attr in ("sift_name", "selected", "_observer", "_blocks_key", "_blocks"):
+        for attr in ("sift_name", "selected", "_observer", "_blocks_key", "_blocks", "values_grad", "merge",
+                     "_kernel_key", "_kernel_cache"):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
         return self
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, selected={self.k}, density={self.k / self.numel_weight:.4g}"
+        return (f"{super().extra_repr()}, selected={self.k}, density={self.k / self.numel_weight:.4g}, "
+                f"values_grad={self.values_grad}, merge={self.merge}")

@@ -139,7 +139,7 @@ def attach_sift(model: nn.Module, config: SiftConfig, *, base_name: str | None =
     model.requires_grad_(False)
     values_dtype = getattr(torch, config.values_dtype)
     layers = {
-        name: SiftLinear.convert(module, name, k, values_dtype)
+        name: SiftLinear.convert(module, name, k, values_dtype, values_grad=config.values_grad, merge=config.merge)
         for (name, module), k in zip(targets.items(), counts, strict=True)
     }
     for module in dense.values():
