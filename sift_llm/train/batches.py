@@ -63,14 +63,46 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Labels are padded with IGNORE_INDEX by length, never by comparing ids with the pad id, so an EOS
     that equals the pad token keeps its label.
+
+    Packed rows (examples with ``position_ids``, from ``data.packing``) get no ``attention_mask``: transformers
+    then reads the restarting position ids as packed sequences and keeps attention inside each example
+    (``masking_utils.find_packed_sequence_indices``; sdpa and eager, and flash-attention for one row per
+    micro-batch). Their padding tail gets position ids 0, 1, ... of its own, so it is one more sequence that no
+    real token attends to. This needs ``use_cache=False`` in the forward (the trainer sets it), since a cache
+    turns the packed-sequence detection off.
     """
     longest = max(len(e["input_ids"]) for e in examples)
+    packed = "position_ids" in examples[0]
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    if packed:
+        positions = torch.arange(longest, dtype=torch.long).repeat(len(examples), 1)
+    else:
+        mask = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         ids[row, :n] = torch.as_tensor(example["input_ids"])
         labels[row, :n] = torch.as_tensor(example["labels"])
-        mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.as_tensor(example["position_ids"])
+            positions[row, n:] = torch.arange(longest - n)
+        else:
+            mask[row, :n] = 1
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens of a collated batch that are not padding: the attention mask's sum, or for packed rows (no mask)
+    every position before the padding tail. A padding tail is the row's last sequence (position ids restart at 0
+    there) when all its labels are IGNORE_INDEX: every real example has a learned token, so it cannot be one."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    positions, labels = batch["position_ids"], batch["labels"]
+    length = positions.shape[1]
+    index = torch.arange(length, device=positions.device).expand_as(positions)
+    last_start = torch.where(positions == 0, index, torch.zeros_like(index)).amax(dim=1, keepdim=True)
+    tail_learns = ((labels != IGNORE_INDEX) & (index >= last_start)).any(dim=1)
+    lengths = torch.where(tail_learns, torch.full_like(last_start[:, 0], length), last_start[:, 0])
+    return lengths.sum()
