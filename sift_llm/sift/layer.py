@@ -242,7 +242,7 @@ class _SparseIncrementLinear(torch.autograd.Function):
             path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype)
             if path == "triton":
                 _require_triton(layer, grad_2d.device)
-                grad_values = kernels.triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
+                grad_values = kernels.load_triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
             elif path == "sampled":
                 grad_values = sddmm_values_grad(grad_2d, x_2d, indices, layer.in_features)
             else:
@@ -409,7 +409,7 @@ class SiftLinear(nn.Linear):
         if self.k == 0:
             return
         if self._increment_on_triton(inputs):
-            ops = kernels.triton_ops()
+            ops = kernels.load_triton_ops()
             if transposed:
                 plan, perm = self.tile_plan(transposed=True)
                 values = values.detach()[perm]

@@ -2,7 +2,7 @@
 reference products (any device), and Triton kernels (CUDA; optional: imported only when used).
 
 Triton is not a dependency: CUDA torch ships it, CPU torch does not. :func:`triton_usable` says whether the
-Triton kernels can run on a device, and :func:`triton_ops` imports them on first use.
+Triton kernels can run on a device, and :func:`load_triton_ops` imports them on first use.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
     "transposed_pattern",
     "triton_importable",
     "triton_interpret",
-    "triton_ops",
+    "load_triton_ops",
     "triton_usable",
 ]
 
@@ -44,7 +44,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def triton_ops() -> ModuleType:
+def load_triton_ops() -> ModuleType:
     """The Triton kernels module (imports triton on first call)."""
     return importlib.import_module("sift_llm.sift.kernels.triton_ops")
 

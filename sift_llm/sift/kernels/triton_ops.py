@@ -1,8 +1,8 @@
 """Triton kernels for the sparse increment: the values' gradient (a sampled product) and ``x @ S^T``.
 
 Imported only when triton is importable (CUDA torch ships it; CPU torch does not). With
-``TRITON_INTERPRET=1`` set before this module is first imported, the kernels run through Triton's
-interpreter on CPU tensors (tests).
+``TRITON_INTERPRET=1`` set before triton is first imported (so at process start: torch._dynamo, which
+transformers imports, imports triton), the kernels run through Triton's interpreter on CPU tensors (tests).
 
 **Design.** Both kernels work on the tiles of a :class:`~sift_llm.sift.kernels.plan.TilePlan`: ``BR``
 consecutive weight rows (a row group) by ``BU`` columns taken from the sorted union of the columns that the
@@ -46,6 +46,12 @@ NUM_STAGES = 3
 
 
 @triton.jit
+def _exclusive_row_counts(bits):
+    """For a [BU, BR] 0/1 tile: how many bits of the same column of ``bits`` are set above each entry."""
+    return tl.cumsum(bits, 0) - bits
+
+
+@triton.jit
 def _tile_columns(union_ptr, mask_ptr, u, u_ok, PACKED: tl.constexpr, SHIFT: tl.constexpr):
     word = tl.load(union_ptr + u, mask=u_ok, other=0)
     if PACKED:
@@ -85,7 +91,7 @@ def _values_grad_kernel(
             gs = gs.to(tl.float32)
         acc = tl.dot(xs, gs, acc, input_precision=PRECISION)
     bits = (masks[:, None] >> i[None, :]) & 1
-    pos = tl.load(tile_pos_ptr + tile * BR + i)[None, :] + tl.cumsum(bits, axis=0) - bits
+    pos = tl.load(tile_pos_ptr + tile * BR + i)[None, :] + _exclusive_row_counts(bits)
     tl.store(out_ptr + pos, acc, mask=bits != 0)
 
 
@@ -107,7 +113,7 @@ def _increment_kernel(
         u_ok = u < tl.load(tile_end_ptr + tile)
         cols, masks = _tile_columns(union_ptr, mask_ptr, u, u_ok, PACKED, SHIFT)
         bits = (masks[:, None] >> i[None, :]) & 1
-        pos = tl.load(tile_pos_ptr + tile * BR + i)[None, :] + tl.cumsum(bits, axis=0) - bits
+        pos = tl.load(tile_pos_ptr + tile * BR + i)[None, :] + _exclusive_row_counts(bits)
         s = tl.load(values_ptr + pos, mask=bits != 0, other=0.0)
         xs = tl.load(xt_ptr + cols.to(tl.int64)[None, :] * stride_xc + t[:, None].to(tl.int64) * stride_xt,
                      mask=t_ok[:, None] & u_ok[None, :], other=0.0)
