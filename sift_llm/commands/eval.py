@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sift_llm.evaluation import harness, report
     from sift_llm.evaluation.config import EvalConfig
+    from sift_llm.evaluation.results import run_results_paths
     from sift_llm.schema import build
 
     cfg = build(EvalConfig, overrides, "eval")
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print(path)
         return 0
     base_dir = args.base or args.model
-    base_path, tuned_path = report.run_results_paths(output)
+    base_path, tuned_path = run_results_paths(output)
     harness.evaluate_base(base_dir, cfg, output_path=base_path)
     harness.evaluate_model(args.model, cfg, adapter_dir=args.adapter, output_path=tuned_path)
     print(report.write_run_report(output))

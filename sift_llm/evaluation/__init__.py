@@ -21,7 +21,7 @@ _LAZY = {
     "evaluate_model": "sift_llm.evaluation.harness",
     "evaluate_base": "sift_llm.evaluation.harness",
     "evaluate_loaded": "sift_llm.evaluation.harness",
-    "load_model": "sift_llm.evaluation.harness",
+    "load_model": "sift_llm.loading",
     "evaluate_run": "sift_llm.evaluation.pipeline",
     "read_run_eval_config": "sift_llm.evaluation.pipeline",
     "write_run_report": "sift_llm.evaluation.report",

@@ -16,7 +16,10 @@ from typing import Any
 
 from sift_llm.evaluation import mmlu
 from sift_llm.evaluation.config import EvalConfig, eval_cache_dir
+from sift_llm.evaluation.heldout import HeldOutSource
+from sift_llm.evaluation.heldout import task_dir as heldout_task_dir
 from sift_llm.fsio import atomic_write_json
+from sift_llm.loading import dtype_name, resolve_device, resolve_dtype
 
 _CHUNK = 1 << 22
 
@@ -71,30 +74,35 @@ def tree_identity(root: Path, memo: DigestMemo) -> list[list]:
     return [[f.relative_to(root).as_posix(), f.stat().st_size, memo.digest(f)] for f in _files(root)]
 
 
-def base_fingerprint(model_dir: str | os.PathLike, cfg: EvalConfig) -> tuple[str, dict[str, Any]]:
-    """(short key, the parts it hashes) for base-model results under ``cfg``."""
+def base_fingerprint(model_dir: str | os.PathLike, cfg: EvalConfig,
+                     heldout: HeldOutSource | None = None) -> tuple[str, dict[str, Any]]:
+    """(short key, the parts it hashes) for base-model results under ``cfg`` (and the held-out tasks on
+    ``heldout``'s dataset, identified by the data stage's fingerprint)."""
     import lm_eval
 
-    from sift_llm.evaluation import harness
+    from sift_llm.evaluation.harness import EVAL_CODE_VERSION
+    from sift_llm.evaluation.tasks import include_dirs
 
     model_dir = Path(model_dir)
     memo = DigestMemo(eval_cache_dir(cfg) / "file_digests.json")
-    device = harness.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     parts: dict[str, Any] = {
         "model_files": tree_identity(model_dir, memo),
         "tasks": list(cfg.tasks),
         "num_fewshot": cfg.num_fewshot,
         "limit": cfg.limit,
         "apply_chat_template": cfg.apply_chat_template,
-        "dtype": harness.dtype_name(harness.resolve_dtype(cfg.dtype, device)),
+        "dtype": dtype_name(resolve_dtype(cfg.dtype, device)),
         "device_type": device.type,
-        "task_files": [tree_identity(d, memo) for d in harness.include_dirs(cfg)],
-        "eval_code_version": harness.EVAL_CODE_VERSION,
+        "task_files": [tree_identity(d, memo) for d in include_dirs(cfg)],
+        "eval_code_version": EVAL_CODE_VERSION,
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
     }
     if mmlu.uses_offline_mmlu(cfg.tasks):
         data = mmlu.resolve_mmlu_file(cfg.mmlu_file)
         parts["mmlu_data"] = [data.stat().st_size, memo.digest(data)]
+    if heldout is not None and heldout.tasks:
+        parts["heldout"] = {**heldout.identity(), "task_files": tree_identity(heldout_task_dir(), memo)}
     memo.save()
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:20], parts

@@ -42,6 +42,13 @@ class EvalConfig:
     cache_base: bool = option(True, help="reuse base-model results cached under the same fingerprint")
     cache_dir: str | None = option(None, help="where base results are cached; default $SIFT_LLM_CACHE/eval")
     log_samples: bool = option(False, help="keep lm-eval's per-question records in results.json")
+    heldout: bool = option(
+        True,
+        help="run mode: score the run's held-out responses (mean token NLL and perplexity, base and tuned) with "
+        "lm-eval, on the dataset's own tokens",
+    )
+    samples: int = option(5, min=0, help="run mode: held-out instructions answered greedily by base and tuned (0: none)")
+    max_new_tokens: int = option(128, min=1, help="token bound on each generated sample (it also stops at EOS)")
 
     def __post_init__(self) -> None:
         if not self.tasks or any(not isinstance(t, str) or not t.strip() for t in self.tasks):

@@ -21,7 +21,6 @@ correct_answer (A-D) and topic (the subject name with spaces). Rows whose correc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -283,59 +282,31 @@ def _group_yaml(group: str, members: list[str], alias: str | None = None) -> str
 
 def write_task_files(directory: str | os.PathLike) -> Path:
     """Write the task files into ``directory`` atomically (the directory is replaced as a whole)."""
-    from sift_llm.fsio import atomic_dir
+    from sift_llm.evaluation.taskfiles import write_files
 
-    directory = Path(directory)
-    with atomic_dir(directory, replace=True) as tmp:
-        for name, text in render_task_files().items():
-            (tmp / name).write_text(text, encoding="utf-8")
-    return directory
+    return write_files(directory, render_task_files())
 
 
 def task_files_out_of_sync(directory: str | os.PathLike) -> list[str]:
     """Names of files that differ between ``directory`` and the table (missing, stale or extra)."""
-    directory = Path(directory)
-    expected = render_task_files()
-    present = {p.name for p in directory.iterdir() if p.is_file()} if directory.is_dir() else set()
-    problems = [f"extra: {name}" for name in sorted(present - set(expected))]
-    for name, text in expected.items():
-        if name not in present:
-            problems.append(f"missing: {name}")
-        elif (directory / name).read_text(encoding="utf-8") != text:
-            problems.append(f"stale: {name}")
-    return problems
+    from sift_llm.evaluation.taskfiles import files_out_of_sync
+
+    return files_out_of_sync(directory, render_task_files())
 
 
 def task_dir() -> Path:
     """A directory holding the mmlu_offline task files: the committed one when this is a source
     checkout, else a copy generated into the cache (an installed wheel does not ship ``eval/``)."""
-    if COMMITTED_TASK_DIR.is_dir():
-        return COMMITTED_TASK_DIR  # tests keep it in sync with the table
-    from sift_llm.evaluation.config import cache_root
+    from sift_llm.evaluation.taskfiles import committed_or_generated
 
-    generated = cache_root() / "tasks" / f"{GROUP}-v{TASK_VERSION}" / GROUP
-    if not generated.is_dir() or task_files_out_of_sync(generated):
-        write_task_files(generated)
-    return generated
+    return committed_or_generated(COMMITTED_TASK_DIR, GROUP, TASK_VERSION, render_task_files())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sift_llm.evaluation.mmlu",
-        description="Generate or check the lm-eval task files of the offline MMLU (eval/mmlu_offline).",
-    )
-    parser.add_argument("--dir", default=str(COMMITTED_TASK_DIR), help="task directory (default: %(default)s)")
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="(re)write the task files")
-    mode.add_argument("--check", action="store_true", help="exit 1 if the files differ from the subject table")
-    args = parser.parse_args(argv)
-    if args.write:
-        print(write_task_files(args.dir))
-        return 0
-    problems = task_files_out_of_sync(args.dir)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    from sift_llm.evaluation.taskfiles import main as taskfiles_main
+
+    return taskfiles_main(argv, prog="python -m sift_llm.evaluation.mmlu", what="the offline MMLU (eval/mmlu_offline)",
+                          default_dir=COMMITTED_TASK_DIR, files=render_task_files())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Evaluate a training run directory: its base model (cached) and its tuned model, then write the report.
 
-RUN_DIR layout read here: ``config.yaml`` (``model.path``, ``method.name``, ``eval:``), ``adapter/`` (SIFT or
-PEFT adapter) and/or ``merged/`` (an HF model directory), ``metrics.jsonl``. Written: ``eval/base/results.json``,
-``eval/tuned/results.json``, ``report.md``, ``eval_summary.json`` and the PNG charts.
+RUN_DIR layout read here: ``config.yaml`` (``model.path``, ``method.name``, ``data:``, ``eval:``; read by the
+experiment-config loader), ``adapter/`` (SIFT or PEFT adapter) and/or ``merged/`` (an HF model directory),
+``train_summary.json`` (which prepared dataset the run trained on: its validation split is the held-out
+set), ``metrics.jsonl``. Written: ``eval/base/results.json``, ``eval/tuned/results.json``, ``report.md``,
+``eval_summary.json``, ``samples.json`` and the PNG charts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from typing import Any
 
 from sift_llm.errors import UserError
 from sift_llm.evaluation.config import EvalConfig
+from sift_llm.evaluation.heldout import HeldOutSource
+from sift_llm.loading import ADAPTER_FILES, detect_adapter, has_adapter
 from sift_llm.runtime import is_rank0, log
+
+SUMMARY_NAME = "train_summary.json"
 
 
 @dataclass
@@ -23,6 +29,7 @@ class RunEvalSpec:
     model_path: Path
     method: str | None
     eval: EvalConfig
+    experiment: Any = None  # the run's ExperimentConfig
 
 
 def read_run_eval_config(run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunEvalSpec:
@@ -42,7 +49,7 @@ def read_run_eval_config(run_dir: str | os.PathLike, overrides: dict[str, Any] |
     section = cfg.eval
     if overrides:
         section = schema.build(EvalConfig, {**schema.to_dict(cfg.eval), **overrides}, "eval")
-    return RunEvalSpec(run_dir, resolve(cfg.model.path), cfg.method.name, section)
+    return RunEvalSpec(run_dir, resolve(cfg.model.path), cfg.method.name, section, cfg)
 
 
 def tuned_source(run_dir: str | os.PathLike, backend: str = "memory") -> tuple[str, Path]:
@@ -51,21 +58,49 @@ def tuned_source(run_dir: str | os.PathLike, backend: str = "memory") -> tuple[s
     The adapter is preferred (it is what training produced, applied in memory); the CLI backend cannot
     load a SIFT adapter and falls back to merged/.
     """
-    from sift_llm.evaluation.harness import ADAPTER_FILES, detect_adapter
-
     run_dir = Path(run_dir)
     adapter, merged = run_dir / "adapter", run_dir / "merged"
-    has_adapter = adapter.is_dir() and any((adapter / f).is_file() for f in ADAPTER_FILES.values())
+    found_adapter = has_adapter(adapter)
     has_merged = (merged / "config.json").is_file()
-    if has_adapter and not (backend == "cli" and detect_adapter(adapter) == "sift"):
+    if found_adapter and not (backend == "cli" and detect_adapter(adapter) == "sift"):
         return "adapter", adapter
     if has_merged:
         return "merged", merged
-    if has_adapter:
+    if found_adapter:
         raise UserError(f"{adapter} is a SIFT adapter, which the cli backend cannot load, and {merged} does not "
                         "exist: use eval.backend memory")
     raise UserError(f"{run_dir} has no trained model to evaluate: expected {adapter}/ "
                     f"({' or '.join(ADAPTER_FILES.values())}) or {merged}/ (config.json)")
+
+
+def heldout_source(spec: RunEvalSpec) -> HeldOutSource | None:
+    """The run's held-out split, from the dataset its train_summary.json names (rebuilt from the run's
+    ``data:`` section when the cached copy is gone); None, with a note, when there is nothing to evaluate."""
+    from sift_llm.evaluation.heldout import source_for
+    from sift_llm.evaluation.results import read_json
+
+    cfg = spec.eval
+    if not cfg.heldout and cfg.samples == 0:
+        return None
+    summary = spec.run_dir / SUMMARY_NAME
+    if not summary.is_file():
+        log(f"eval: {summary} does not exist (not a finished training run), so the held-out likelihood and "
+            "samples are skipped")
+        return None
+    recorded = read_json(summary)
+    dataset = recorded.get("dataset") if isinstance(recorded, dict) else None
+    if not isinstance(dataset, str):
+        raise UserError(f"{summary}: expected a 'dataset' string (the prepared-data directory the run trained on)")
+    dataset_dir = Path(dataset)
+    if not (dataset_dir / "fingerprint.json").is_file() and spec.experiment is not None:
+        from sift_llm.data.stage import prepare
+
+        log(f"eval: the run's dataset {dataset_dir} is gone; rebuilding it from the run's data: section")
+        rebuilt = prepare(spec.experiment.data, spec.experiment.model.path).path
+        if rebuilt.resolve() != dataset_dir.resolve():
+            raise UserError(f"{summary}: the run trained on {dataset_dir}, which is gone, and the run's data: "
+                            f"section now builds a different dataset ({rebuilt})")
+    return source_for(dataset_dir, likelihood=cfg.heldout, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens)
 
 
 def evaluate_run(
@@ -80,18 +115,22 @@ def evaluate_run(
     caller should barrier afterwards or, better, call this after the training processes have exited).
     """
     from sift_llm.evaluation import harness, report
+    from sift_llm.evaluation.results import run_results_paths
 
     if not is_rank0():
         return None
     spec = read_run_eval_config(run_dir, overrides)
-    cfg = cfg or spec.eval
-    base_path, tuned_path = report.run_results_paths(spec.run_dir)
+    if cfg is not None:
+        spec.eval = cfg
+    cfg = spec.eval
+    base_path, tuned_path = run_results_paths(spec.run_dir)
     kind, source = tuned_source(spec.run_dir, cfg.backend)
-    harness.evaluate_base(spec.model_path, cfg, output_path=base_path)
+    heldout = heldout_source(spec)
+    harness.evaluate_base(spec.model_path, cfg, output_path=base_path, heldout=heldout)
     if kind == "adapter":
-        harness.evaluate_model(spec.model_path, cfg, adapter_dir=source, output_path=tuned_path)
+        harness.evaluate_model(spec.model_path, cfg, adapter_dir=source, output_path=tuned_path, heldout=heldout)
     else:
-        harness.evaluate_model(source, cfg, output_path=tuned_path)
+        harness.evaluate_model(source, cfg, output_path=tuned_path, heldout=heldout)
     path = report.write_run_report(spec.run_dir)
     log(f"eval: report written to {path}")
     return path

@@ -1,46 +1,46 @@
-"""Reports from lm-eval results: a markdown table (overall and per category), bar charts, training curves.
+"""Reports from evaluation results: report.md, eval_summary.json, samples.json and the PNG charts.
 
-A report compares *columns* (base, tuned, or several runs) over *rows* (a task or group, then its
-category groups); leaf tasks (e.g. the 57 MMLU subjects) go into a collapsed detail table. Every output
-is written through a temporary file and a rename.
+A report compares *columns* (base, tuned, or several runs) over *rows*. It leads with the held-out
+response likelihood (what instruction tuning moves first), then the benchmark tasks (a task or group,
+then its category groups; leaf tasks such as the 57 MMLU subjects go into a collapsed detail table),
+each change against the model's base with its standard error and whether it is within noise; then the
+generation samples, how everything was evaluated, and the training curves. Every output is written
+through a temporary file and a rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import json
-import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
-from sift_llm.fsio import atomic_write_json, atomic_write_text, read_jsonl_objects
-from sift_llm.plotting import pyplot, save_figure
+from sift_llm.evaluation import charts
+from sift_llm.evaluation.heldout import GENERATION, LIKELIHOOD, TASKS
+from sift_llm.evaluation.results import (
+    Delta,
+    Row,
+    Score,
+    delta,
+    generations,
+    load_run,
+    merge_rows,
+    run_method,
+    score,
+    series,
+    training_records,
+)
+from sift_llm.fsio import atomic_write_json, atomic_write_text
 
-PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity")
 ACCURACY_PNG = "eval_accuracy.png"
 CURVES_PNG = "training_curves.png"
 SUMMARY_JSON = "eval_summary.json"  # the table as data, for scripts
-
-
-# ---------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class Score:
-    value: float | None
-    stderr: float | None
-    metric: str
-    n: int | None
-
-
-@dataclass
-class Row:
-    name: str  # the lm-eval task or group name
-    label: str
-    level: int  # 0: a requested task or group; 1: a category inside it; 2: a leaf in a detail table
+SAMPLES_JSON = "samples.json"
 
 
 @dataclass
@@ -56,175 +56,24 @@ class Column:
         return self.results.get("sift_llm") or {}
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+def _compared(columns: list[Column]) -> list[Column]:
+    return [c for c in columns if c.reference is not None]
 
 
-def score(results: dict[str, Any], name: str) -> Score | None:
-    """The headline metric of task/group ``name``: acc when there is one, else the first metric."""
-    entry = results.get("results", {}).get(name)
-    if not isinstance(entry, dict):
-        return None
-    metrics = {k: v for k, v in entry.items() if "," in k and "_stderr," not in k and _number(v) is not None}
-    if not metrics:
-        return None
-    chosen = None
-    for metric in PREFERRED_METRICS:
-        chosen = next((k for k in metrics if k.split(",")[0] == metric), None)
-        if chosen:
-            break
-    chosen = chosen or sorted(metrics)[0]
-    base, _, filt = chosen.partition(",")
-    n = entry.get("sample_len")
-    if n is None:
-        n = (results.get("n-samples", {}).get(name) or {}).get("effective")
-    return Score(
-        value=_number(metrics[chosen]),
-        stderr=_number(entry.get(f"{base}_stderr,{filt}")),
-        metric=base,
-        n=int(n) if isinstance(n, (int, float)) else None,
-    )
+def _delta(column: Column, name: str, metric: str | None = None) -> Delta | None:
+    return delta(column.results, column.reference.results, name, metric) if column.reference is not None else None
 
 
-def _strip_prefix(name: str, parent: str | None) -> str:
-    if parent and name.startswith(parent + "_"):
-        return name[len(parent) + 1 :]
-    return name
+def _rows(columns: list[Column]) -> tuple[list[Row], list[Row]]:
+    """(summary, detail) rows of the benchmark tasks (the held-out tasks have their own sections)."""
+    return merge_rows([c.results for c in columns], skip=TASKS)
 
 
-def layout(results: dict[str, Any]) -> tuple[list[Row], list[Row]]:
-    """(summary rows, detail rows) from lm-eval's task tree.
-
-    Top-level entries (not a member of any group) come first, each followed by its member groups (the
-    MMLU categories). Leaf tasks under a group go to the detail rows.
-    """
-    entries = list(results.get("results", {}))
-    tree: dict[str, list[str]] = {k: list(v) for k, v in (results.get("group_subtasks") or {}).items()}
-    members = {child for children in tree.values() for child in children}
-    summary: list[Row] = []
-    details: list[Row] = []
-
-    def descend(name: str, top: str) -> None:
-        for child in tree.get(name, []):
-            if tree.get(child):
-                if name == top:
-                    summary.append(Row(child, _strip_prefix(child, top), 1))
-                else:
-                    details.append(Row(child, _strip_prefix(child, top), 2))
-                descend(child, top)
-            else:
-                details.append(Row(child, _strip_prefix(child, top), 2))
-
-    for name in entries:
-        if name not in members:
-            summary.append(Row(name, f"{name} (overall)" if tree.get(name) else name, 0))
-            descend(name, name)
-    return summary, details
+def _has_any(columns: list[Column], name: str) -> bool:
+    return any(name in c.results.get("results", {}) for c in columns)
 
 
-def _merge_rows(columns: list[Column]) -> tuple[list[Row], list[Row]]:
-    summary: dict[str, Row] = {}
-    details: dict[str, Row] = {}
-    for column in columns:
-        s, d = layout(column.results)
-        for row in s:
-            summary.setdefault(row.name, row)
-        for row in d:
-            details.setdefault(row.name, row)
-    return list(summary.values()), [r for r in details.values() if r.name not in summary]
-
-
-# ---------------------------------------------------------------------------------------- metrics.jsonl
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a training run's metrics.jsonl; a malformed line raises UserError naming file:line.
-
-    A line with ``loss`` or ``eval_loss`` needs an integer ``step``; other keys are free (lines without any
-    of the three, e.g. events, are kept and ignored by the charts).
-    """
-    records = []
-    for where, record in read_jsonl_objects(path):
-        step = record.get("step")
-        has_loss = "loss" in record or "eval_loss" in record
-        if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
-            raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
-        for key in ("loss", "eval_loss"):
-            if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
-                raise UserError(f"{where}: {key!r} must be a number, got {record[key]!r}")
-        records.append(record)
-    return records
-
-
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], float(r[key])) for r in records if key in r]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-# ---------------------------------------------------------------------------------------- writing
-
-
-def plot_scores(columns: list[Column], rows: list[Row], path: Path, title: str) -> Path:
-    """Grouped bars: one group per summary row, one bar (with a stderr whisker) per column."""
-    plt = pyplot()
-    width = 0.8 / max(len(columns), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) * max(1, len(columns)) / 2 + 3), 4.5))
-    try:
-        for i, column in enumerate(columns):
-            values, errors = [], []
-            for row in rows:
-                s = score(column.results, row.name)
-                values.append(100 * s.value if s and s.value is not None else float("nan"))
-                errors.append(100 * s.stderr if s and s.stderr is not None else 0.0)
-            xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
-            bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=column.label, color=f"C{i % 10}")
-            for bar, value, error in zip(bars, values, errors):
-                if not math.isnan(value):
-                    ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value + error),
-                                ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([r.label.replace("_", " ") for r in rows], rotation=20 if len(rows) > 4 else 0)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def plot_training_curves(
-    runs: list[tuple[str, list[dict[str, Any]]]], path: Path, colors: dict[str, str] | None = None
-) -> Path | None:
-    """Training loss (solid) and held-out loss (dashed, dots) against step, one colour per run."""
-    colors = colors or {}
-    runs = [(label, records) for label, records in runs
-            if any("loss" in r or "eval_loss" in r for r in records)]
-    if not runs:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
-        for i, (label, records) in enumerate(runs):
-            color = colors.get(label, f"C{i % 10}")
-            prefix = f"{label}: " if len(runs) > 1 else ""
-            steps, losses = _series(records, "loss")
-            if steps:
-                ax.plot(steps, losses, color=color, linewidth=1.2, label=f"{prefix}train loss")
-            steps, losses = _series(records, "eval_loss")
-            if steps:
-                ax.plot(steps, losses, color=color, linestyle="--", marker="o", markersize=3,
-                        label=f"{prefix}held-out loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("Training curves")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+# ------------------------------------------------------------------------------------------ cells
 
 
 def _pct(value: float | None) -> str:
@@ -237,10 +86,21 @@ def _cell(s: Score | None) -> str:
     return _pct(s.value) + (f" ± {100 * s.stderr:.2f}" if s.stderr is not None else "")
 
 
-def _delta(s: Score | None, ref: Score | None) -> str:
-    if s is None or ref is None or s.value is None or ref.value is None:
+def _delta_cell(d: Delta | None) -> str:
+    return "–" if d is None else f"{100 * d.value:+.2f}"
+
+
+def _noise_cell(d: Delta | None, scale: float = 100.0, digits: int = 2) -> str:
+    """The standard error of Δ and the verdict: within noise when |Δ| < 2 se."""
+    if d is None:
         return "–"
-    return f"{100 * (s.value - ref.value):+.2f}"
+    if d.value == 0:
+        return "no change"
+    if d.stderr is None:
+        return "se unknown"
+    ratio = f"{abs(d.value) / d.stderr:.1f} se" if d.stderr > 0 else "se 0"
+    verdict = "within noise" if d.within_noise else f"**beyond noise** ({ratio})"
+    return f"±{scale * d.stderr:.{digits}f}, {verdict}"
 
 
 def _n(columns: list[Column], name: str) -> str:
@@ -250,16 +110,161 @@ def _n(columns: list[Column], name: str) -> str:
     return str(counts.pop()) if len(counts) == 1 else "/".join(str(n) for n in sorted(counts))
 
 
+# ------------------------------------------------------------------------------- held-out likelihood
+
+
+def _tokens(columns: list[Column]) -> int | None:
+    for c in columns:
+        tokens = c.results.get("results", {}).get(LIKELIHOOD, {}).get("tokens")
+        if isinstance(tokens, int):
+            return tokens
+    return None
+
+
+def _value_cell(s: Score | None, digits: int) -> str:
+    if s is None or s.value is None:
+        return "–"
+    return f"{s.value:.{digits}f}" + (f" ± {s.stderr:.{digits}f}" if s.stderr is not None else "")
+
+
+def likelihood_table(columns: list[Column]) -> list[str]:
+    """The first table: mean NLL per held-out response token and perplexity, each column and each change."""
+    if not _has_any(columns, LIKELIHOOD):
+        return []
+    compared = _compared(columns)
+    n, tokens = _n(columns, LIKELIHOOD), _tokens(columns)
+    header = ["Held-out responses", "N"] + [c.label for c in columns]
+    header += [f"Δ {c.label}" for c in compared] + [f"Δ {c.label} vs noise" for c in compared]
+    lines = [f"## Held-out response likelihood", "",
+             f"Mean negative log-likelihood of the reference response tokens (nats per token; lower is better) "
+             f"over the run's {n} held-out examples" + (f" ({tokens:,} response tokens)" if tokens else "")
+             + ": the prompt is the context and the dataset's own response tokens (with EOS) the continuation, "
+             f"scored by lm-eval (task `{LIKELIHOOD}`). This is the trainer's held-out loss, over the whole "
+             "validation split. ± is one standard error; Δ is tuned − base, paired over the same responses.", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for metric, label, digits in (("nll", "**NLL per token**", 4), ("token_perplexity", "perplexity", 3)):
+        cells = [label, n] + [_value_cell(score(c.results, LIKELIHOOD, metric), digits) for c in columns]
+        deltas = [_delta(c, LIKELIHOOD, metric) for c in compared]
+        cells += ["–" if d is None else f"{d.value:+.{digits}f}" for d in deltas]
+        cells += [_noise_cell(d, 1.0, digits) if metric == "nll" else "" for d in deltas]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = sorted({c.info.get("heldout_skipped") for c in columns if c.info.get("heldout_skipped")})
+    lines += [f"- Not measured for some columns: {s}" for s in skipped]
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------------- benchmark tables
+
+
 def _table(columns: list[Column], rows: list[Row], label_header: str) -> list[str]:
-    compared = [c for c in columns if c.reference is not None]
+    compared = _compared(columns)
     header = [label_header, "N"] + [f"{c.label} (%)" for c in columns] + [f"Δ {c.label} (pp)" for c in compared]
+    header += [f"Δ {c.label} vs noise (pp)" for c in compared]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         label = f"**{row.label}**" if row.level == 0 else row.label
+        deltas = [_delta(c, row.name) for c in compared]
         cells = [label, _n(columns, row.name)] + [_cell(score(c.results, row.name)) for c in columns]
-        cells += [_delta(score(c.results, row.name), score(c.reference.results, row.name)) for c in compared]
+        cells += [_delta_cell(d) for d in deltas] + [_noise_cell(d) for d in deltas]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _limit_text(columns: list[Column]) -> str:
+    limits = {(c.info.get("eval_config") or {}).get("limit") for c in columns}
+    limit = limits.pop() if len(limits) == 1 else None
+    return f" ({limit} per task)" if limit is not None else ""
+
+
+def sample_size_line(columns: list[Column], summary: list[Row]) -> list[str]:
+    """One line: what the benchmark sample can show (changes beyond 2 se of Δ) and what it cannot."""
+    compared = _compared(columns)
+    top = next((r for r in summary if r.level == 0), None)
+    if not compared or top is None:
+        return []
+    thresholds = []
+    for c in compared:
+        d = _delta(c, top.name)
+        if d is None:
+            continue
+        if not d.stderr:  # identical answers: the paired error is 0, so say how precise each score is
+            t, b = score(c.results, top.name), score(c.reference.results, top.name)
+            stderrs = [s.stderr for s in (t, b) if s is not None and s.stderr is not None]
+            d = Delta(d.value, (sum(x * x for x in stderrs)) ** 0.5 if stderrs else None, paired=False)
+        if d.stderr:
+            thresholds.append(2 * 100 * d.stderr)
+    if not thresholds:
+        return []
+    cats = [r for r in summary if r.level == 1]
+    cat_part = ""
+    if cats:
+        cat_se = [2 * 100 * d.stderr for c in compared for r in cats if (d := _delta(c, r.name)) and d.stderr]
+        counts = [s.n for r in cats if (s := score(compared[0].results, r.name)) and s.n]
+        if cat_se and counts:
+            cat_part = (f", nor a change within one category (about ±{min(cat_se):.1f} to ±{max(cat_se):.1f} pp "
+                        f"at {min(counts)}-{max(counts)} questions each)")
+    low, high = min(thresholds), max(thresholds)
+    span = f"±{low:.1f} pp" if f"{low:.1f}" == f"{high:.1f}" else f"±{low:.1f} to ±{high:.1f} pp"
+    n = _n(columns, top.name)
+    return [f"- **Sample size:** {n} questions{_limit_text(columns)} can show an overall accuracy change larger "
+            f"than about {span} (2 standard errors of Δ); they cannot show a smaller one{cat_part}.", ""]
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+_ALPACA = re.compile(r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:",
+                     re.DOTALL)
+
+
+def instruction_text(prompt: str) -> str:
+    """The instruction (and input) of an Alpaca prompt; any other prompt as it is."""
+    match = _ALPACA.search(prompt)
+    if not match:
+        return prompt.strip()
+    text = match["instruction"].strip()
+    return text + (f"\n\nInput: {match['input'].strip()}" if match["input"] else "")
+
+
+def _html_cell(text: str) -> str:
+    text = html.escape(text.strip()) or "<i>(empty)</i>"
+    return text.replace("|", "&#124;").replace("\n", "<br>")
+
+
+def sample_records(columns: list[Column]) -> list[dict[str, Any]]:
+    """Per held-out prompt: instruction, reference and each column's greedy response."""
+    by_index: dict[Any, dict[str, Any]] = {}
+    for column in columns:
+        for g in generations(column.results):
+            entry = by_index.setdefault(g.get("index"), {
+                "index": g.get("index"), "instruction": instruction_text(g.get("prompt", "")),
+                "prompt": g.get("prompt", ""), "reference": g.get("reference", ""), "responses": {}})
+            entry["responses"][column.label] = g.get("response", "")
+    return [by_index[k] for k in sorted(by_index, key=lambda k: (str(type(k)), k))]
+
+
+def samples_section(columns: list[Column], records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    tokens = {c.info.get("heldout", {}).get("max_new_tokens") for c in columns if c.info.get("heldout")}
+    bound = f"at most {tokens.pop()} new tokens" if len(tokens) == 1 else "a bounded number of new tokens"
+    labels = [c.label for c in columns if any(c.label in r["responses"] for r in records)]
+    out = ["## Samples", "",
+           f"Greedy responses to the first {len(records)} held-out instructions ({bound}, stopping at EOS), "
+           f"side by side; also in `{SAMPLES_JSON}`.", ""]
+    for i, record in enumerate(records, 1):
+        first = record["instruction"].splitlines()[0] if record["instruction"] else ""
+        out += [f"**{i}. {html.escape(first[:120])}{'…' if len(first) > 120 else ''}**", ""]
+        if record["instruction"] != first:
+            out += ["> " + html.escape(record["instruction"]).replace("\n", "\n> "), ""]
+        out += ["| " + " | ".join(labels) + " |", "|" + "|".join(["---"] * len(labels)) + "|",
+                "| " + " | ".join(_html_cell(record["responses"].get(label, "")) for label in labels) + " |", "",
+                f"<details><summary>reference response</summary>\n\n{_html_cell(record['reference'])}\n\n</details>",
+                ""]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ provenance
 
 
 def _setting_lines(columns: list[Column]) -> list[str]:
@@ -281,6 +286,12 @@ def _setting_lines(columns: list[Column]) -> list[str]:
     if any(json.loads(k)["limit"] is not None for k in seen):
         lines.append("- **Note:** a per-task limit evaluates a subset; these numbers are not comparable with "
                      "full-benchmark results.")
+    paired = {d.paired for c in _compared(columns) for r in _rows(columns)[0] if (d := _delta(c, r.name))}
+    if paired:
+        how = ("paired over the same questions (per-question records)" if paired == {True} else
+               "from the two standard errors as if independent (no per-question records)" if paired == {False}
+               else "paired where per-question records exist, else from the two standard errors")
+        lines.append(f"- Standard error of Δ: {how}; a Δ within 2 of them is marked within noise.")
     return lines
 
 
@@ -301,10 +312,10 @@ def _source_lines(columns: list[Column]) -> list[str]:
 
 
 def held_out_table(training: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
-    """First and last held-out loss of each run: the number that moves when a small-sample MMLU does not."""
+    """First and last held-out loss of each run, as the trainer logged them."""
     rows = []
     for label, records in training:
-        steps, losses = _series(records, "eval_loss")
+        steps, losses = series(records, "eval_loss")
         if steps:
             change = losses[-1] - losses[0]
             rows.append(f"| {label} | {losses[0]:.4f} (step {steps[0]}) | {losses[-1]:.4f} (step {steps[-1]}) "
@@ -312,6 +323,9 @@ def held_out_table(training: list[tuple[str, list[dict[str, Any]]]]) -> list[str
     if not rows:
         return []
     return ["| Run | first held-out loss | last held-out loss | change |", "|---|---:|---:|---:|", *rows, ""]
+
+
+# ------------------------------------------------------------------------------------------ the report
 
 
 def render_markdown(
@@ -322,22 +336,30 @@ def render_markdown(
     curves: str | None,
     curve_note: str | None = None,
     training: list[tuple[str, list[dict[str, Any]]]] | None = None,
+    samples: list[dict[str, Any]] | None = None,
 ) -> str:
-    summary, details = _merge_rows(columns)
-    if not summary:
+    summary, details = _rows(columns)
+    if not summary and not _has_any(columns, LIKELIHOOD):
         raise UserError("the results hold no tasks to report")
     out = [f"# {title}", ""]
-    refs = sorted({c.reference.label for c in columns if c.reference is not None})
-    against = f" against {', '.join(refs)}" if len(refs) == 1 else " against each model's base"
-    out += ["Accuracy in % ± its standard error" + (f"; Δ in percentage points{against}." if refs else "."), ""]
-    out += _table(columns, summary, "Task")
-    out.append("")
+    out += likelihood_table(columns)
     if chart:
         out += [f"![accuracy per category]({chart})", ""]
+    if summary:
+        refs = sorted({c.reference.label for c in columns if c.reference is not None})
+        against = f" against {', '.join(refs)}" if len(refs) == 1 else " against each model's base"
+        out += ["## Benchmarks", "",
+                "Accuracy in % ± its standard error"
+                + (f"; Δ in percentage points{against}, with the standard error of Δ and whether "
+                   "|Δ| < 2 of them (within noise)." if refs else "."), ""]
+        out += _table(columns, summary, "Task")
+        out.append("")
+        out += sample_size_line(columns, summary)
     if details:
         out += ["<details><summary>Per-task results</summary>", ""]
         out += _table(columns, details, "Task")
         out += ["", "</details>", ""]
+    out += samples_section(columns, samples or [])
     out += ["## Evaluation", ""] + _source_lines(columns) + _setting_lines(columns)
     versions = sorted({c.info.get("lm_eval_version") or c.results.get("lm_eval_version") or "?" for c in columns})
     out += [f"- lm-eval {', '.join(versions)}", ""]
@@ -350,24 +372,38 @@ def render_markdown(
 
 
 def summary_json(columns: list[Column]) -> dict[str, Any]:
-    summary, details = _merge_rows(columns)
+    summary, details = _rows(columns)
+    likelihood = [Row(LIKELIHOOD, "held-out responses", 0)] if _has_any(columns, LIKELIHOOD) else []
     rows = []
-    for row in summary + details:
-        entry = {"task": row.name, "label": row.label, "level": row.level, "scores": {}}
+    for row in likelihood + summary + details:
+        entry: dict[str, Any] = {"task": row.name, "label": row.label, "level": row.level, "scores": {}}
         for column in columns:
             s = score(column.results, row.name)
             entry["scores"][column.label] = None if s is None else {
                 "metric": s.metric, "value": s.value, "stderr": s.stderr, "n": s.n}
-            if column.reference is not None:
-                ref = score(column.reference.results, row.name)
-                if s is not None and ref is not None and s.value is not None and ref.value is not None:
-                    entry.setdefault("delta", {})[column.label] = s.value - ref.value
+            d = _delta(column, row.name)
+            if d is not None:
+                entry.setdefault("delta", {})[column.label] = d.value
+                entry.setdefault("delta_stderr", {})[column.label] = d.stderr
+                entry.setdefault("within_noise", {})[column.label] = d.within_noise
         rows.append(entry)
     return {"columns": [{"label": c.label, "source": c.source,
                          "reference": c.reference.label if c.reference is not None else None,
                          **{k: c.info.get(k) for k in ("model", "adapter", "adapter_kind", "backend", "cached",
                                                        "fingerprint")}} for c in columns],
             "rows": rows}
+
+
+def _harness_points(columns: list[Column], training: list[tuple[str, list[dict[str, Any]]]]) -> dict:
+    """Per run label: the harness's held-out NLL of its base (at step 0) and of the tuned model (last step)."""
+    points = {}
+    last_step = {label: max((r["step"] for r in records if "step" in r), default=None) for label, records in training}
+    for column in _compared(columns):
+        tuned, base = score(column.results, LIKELIHOOD, "nll"), score(column.reference.results, LIKELIHOOD, "nll")
+        step = last_step.get(column.label)
+        if tuned and base and tuned.value is not None and base.value is not None and step is not None:
+            points[column.label] = [(0, base.value), (step, tuned.value)]
+    return points
 
 
 def write_report(
@@ -378,77 +414,49 @@ def write_report(
     training: list[tuple[str, list[dict[str, Any]]]] | None = None,
     curve_note: str | None = None,
 ) -> Path:
-    """report.md, the accuracy chart, training curves (when there are metrics) and eval_summary.json."""
+    """report.md, the change (or score) chart, training curves (when there are metrics), eval_summary.json
+    and samples.json (when there are generation samples)."""
     output_dir = Path(output_dir)
-    summary, _ = _merge_rows(columns)
-    if not summary:
+    summary, _ = _rows(columns)
+    if not summary and not _has_any(columns, LIKELIHOOD):
         raise UserError("the results hold no tasks to report")
-    chart = plot_scores(columns, summary, output_dir / ACCURACY_PNG, title)
-    colors = {c.label: f"C{i % 10}" for i, c in enumerate(columns)}  # a run keeps its bar colour
-    curves = plot_training_curves(training or [], output_dir / CURVES_PNG, colors)
+    colors = {c.label: f"C{i % 10}" for i, c in enumerate(columns)}  # a run keeps its colour in every chart
+    compared = _compared(columns)
+    if compared:
+        chart = charts.plot_deltas(
+            [(c.label, colors[c.label], _delta(c, LIKELIHOOD, "nll")) for c in compared],
+            summary, [(c.label, colors[c.label], [_delta(c, r.name) for r in summary]) for c in compared],
+            output_dir / ACCURACY_PNG, title)
+    else:
+        chart = charts.plot_scores(columns, summary, output_dir / ACCURACY_PNG, title)
+    curves = charts.plot_training_curves(training or [], output_dir / CURVES_PNG, colors,
+                                         _harness_points(columns, training or []))
     if curves is None:
         with contextlib.suppress(FileNotFoundError):
             (output_dir / CURVES_PNG).unlink()  # a stale chart from an earlier report
-    text = render_markdown(columns, title=title, chart=chart.name,
-                           curves=curves.name if curves else None, curve_note=curve_note, training=training)
+    samples = sample_records(columns)
+    text = render_markdown(columns, title=title, chart=chart.name, curves=curves.name if curves else None,
+                           curve_note=curve_note, training=training, samples=samples)
     atomic_write_json(output_dir / SUMMARY_JSON, summary_json(columns))
+    if samples:
+        atomic_write_json(output_dir / SAMPLES_JSON, {"task": GENERATION, "samples": samples})
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (output_dir / SAMPLES_JSON).unlink()
     return atomic_write_text(output_dir / "report.md", text)
 
 
 # ---------------------------------------------------------------------------------------- run dirs
 
 
-def _run_method(run_dir: Path) -> str | None:
-    import yaml
-
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return None
-    try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{config}: not valid YAML ({err})") from None
-    method = data.get("method") if isinstance(data, dict) else None
-    name = method.get("name") if isinstance(method, dict) else None
-    return str(name) if name else None
-
-
-def run_results_paths(run_dir: Path) -> tuple[Path, Path]:
-    return run_dir / "eval" / "base" / "results.json", run_dir / "eval" / "tuned" / "results.json"
-
-
-def _load_run(run_dir: Path) -> tuple[dict, dict]:
-    from sift_llm.evaluation.harness import read_results
-
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    base_path, tuned_path = run_results_paths(run_dir)
-    if not tuned_path.is_file():
-        raise UserError(f"{run_dir} has no eval results ({tuned_path} is missing); run `sift-llm eval {run_dir}` first")
-    if not base_path.is_file():
-        raise UserError(f"{run_dir} has no base-model eval results ({base_path} is missing); "
-                        f"run `sift-llm eval {run_dir}` first")
-    return read_results(base_path), read_results(tuned_path)
-
-
-def _training(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return [], f"No training metrics: {path} does not exist."
-    records = read_metrics(path)
-    if not any("loss" in r or "eval_loss" in r for r in records):
-        return records, f"{path} holds no loss values."
-    return records, None
-
-
 def write_run_report(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
     """Base vs tuned report of one run (RUN_DIR/eval/{base,tuned}/results.json) into RUN_DIR (default)."""
     run_dir = Path(run_dir)
-    base, tuned = _load_run(run_dir)
-    method = _run_method(run_dir) or "tuned"
+    base, tuned = load_run(run_dir)
+    method = run_method(run_dir) or "tuned"
     base_column = Column("base", base, str(run_dir / "eval" / "base"))
     columns = [base_column, Column(method, tuned, str(run_dir / "eval" / "tuned"), reference=base_column)]
-    records, note = _training(run_dir)
+    records, note = training_records(run_dir)
     return write_report(columns, output_dir or run_dir, title=f"{method} vs base: {run_dir.name}",
                         training=[(method, records)], curve_note=note)
 
@@ -465,8 +473,8 @@ def compare_runs(run_dirs: list[str | os.PathLike], output_dir: str | os.PathLik
     if not run_dirs:
         raise UserError("no run directories given")
     runs = [Path(r) for r in run_dirs]
-    loaded = [(run, *_load_run(run)) for run in runs]
-    names = [_run_method(run) or run.name for run in runs]
+    loaded = [(run, *load_run(run)) for run in runs]
+    names = [run_method(run) or run.name for run in runs]
     labels = [name if names.count(name) == 1 else f"{name} ({run.name})" for name, run in zip(names, runs)]
     if len(set(labels)) != len(labels):
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
@@ -491,7 +499,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], output_dir: str | os.PathLik
         columns.append(Column(label, tuned, str(run), reference=base_columns[i]))
     notes, training = [], []
     for run, label in zip(runs, labels):
-        records, note = _training(run)
+        records, note = training_records(run)
         training.append((label, records))
         if note:
             notes.append(f"{label}: {note}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 TINY_QUESTIONS = [
@@ -179,3 +180,99 @@ def write_evaluated_run(run_dir: Path, method: str, *, shift: float, base_finger
         (run_dir / "eval" / name).mkdir(parents=True, exist_ok=True)
         (run_dir / "eval" / name / "results.json").write_text(json.dumps(payload))
     return run_dir
+
+
+# ------------------------------------------------------------------------------ tiny training runs
+
+REPO = Path(__file__).resolve().parents[2]
+INSTRUCTION_ROWS = [
+    {"instruction": f"Say the number {n}.", "input": "" if n % 3 else f"in words, {n}",
+     "output": f"The answer is {n}. " + "Paris is the capital of France. " * (1 + n % 4)} for n in range(16)
+]
+CHAT_ROWS = [
+    {"conversations": [{"from": "human", "value": f"What is {n} + {n}?"},
+                       {"from": "gpt", "value": f"The answer is {2 * n}."},
+                       {"from": "human", "value": "Explain the answer."},
+                       {"from": "gpt", "value": "The quick brown fox jumps over the lazy dog. " * (1 + n % 3)}]}
+    for n in range(16)
+]
+
+
+def write_experiment(tmp_path: Path, model_dir: Path, *, name: str = "run", rows=None, validation_size: int = 6,
+                     method: dict | None = None, train: dict | None = None, eval_section: dict | None = None,
+                     data: dict | None = None) -> Path:
+    """An experiment YAML for the tiny model and a small corpus (written next to it)."""
+    import yaml
+
+    corpus = tmp_path / f"{name}-corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in (rows or INSTRUCTION_ROWS)))
+    cfg = {
+        "name": name,
+        "output_dir": str(tmp_path / name),
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(corpus), "validation_size": validation_size, "output_dir": str(tmp_path / f"{name}-data"),
+                 **(data or {})},
+        "method": method or {"name": "sift", "sift": {"density": 0.1}},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "learning_rate": 0.01, "warmup_ratio": 0.0,
+                  "lr_scheduler": "constant", **(train or {})},
+        "eval": eval_section or {},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_training(config: Path, ranks: int = 1, timeout: int = 600) -> Path:
+    """Train with ``ranks`` local CPU ranks: one plain process, or launch.sh (the deepspeed launcher)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if ranks == 1:
+        command = [sys.executable, "-m", "sift_llm.cli", "train", str(config)]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = ["bash", str(REPO / "launch.sh"), str(config), "--num_gpus", str(ranks), "--master_port", str(port)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return Path(yaml.safe_load(config.read_text())["output_dir"])
+
+
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["eval_loss"]) for r in map(json.loads, filter(str.strip, lines)) if "eval_loss" in r]
+
+
+def with_heldout(results: dict, docs: list[tuple[float, int]], generations: list[tuple[str, str]] | None = None) -> dict:
+    """Add a heldout_likelihood entry (from per-doc (loglikelihood, tokens)) and generation samples."""
+    from sift_llm.evaluation.results import token_nll
+
+    values = {str(i): [ll, n] for i, (ll, n) in enumerate(docs)}
+    nll, se, tokens = token_nll(values)
+    results["results"] = {"heldout_likelihood": {"alias": "heldout_likelihood", "sample_len": len(docs),
+                                                 "nll,none": nll, "nll_stderr,none": se,
+                                                 "token_perplexity,none": math.exp(nll),
+                                                 "token_perplexity_stderr,none": math.exp(nll) * se,
+                                                 "tokens": tokens}, **results["results"]}
+    stamp = results["sift_llm"]
+    stamp.setdefault("per_doc", {})["heldout_likelihood"] = {"metric": "nll", "values": values}
+    stamp["heldout"] = {"dataset": "/data/x", "data_fingerprint": "f", "max_new_tokens": 32}
+    if generations is not None:
+        stamp["generations"] = [
+            {"index": i, "prompt": f"### Instruction:\n{instruction}\n\n### Response:", "reference": f"ref {i}",
+             "response": response} for i, (instruction, response) in enumerate(generations)]
+    return results
+
+
+def with_per_doc_acc(results: dict, answers: dict[str, list[int]]) -> dict:
+    """Per-question acc records of leaf tasks (and their means as the tasks' and groups' acc)."""
+    per_doc = results["sift_llm"].setdefault("per_doc", {})
+    for task, values in answers.items():
+        per_doc[task] = {"metric": "acc", "values": {str(i): float(v) for i, v in enumerate(values)}}
+    return results

@@ -14,7 +14,9 @@ import torch
 from eval_helpers import merge_lora
 
 from sift_llm.errors import UserError
-from sift_llm.evaluation import EvalConfig, harness
+from sift_llm import loading
+from sift_llm.evaluation import EvalConfig, cli_backend, harness, tasks
+from sift_llm.evaluation import results as results_io
 from sift_llm.evaluation.config import eval_cache_dir
 from sift_llm.schema import ConfigError, build
 
@@ -47,21 +49,21 @@ def test_eval_config_defaults_and_validation():
 
 
 def test_device_and_dtype_resolution():
-    cpu = harness.resolve_device("cpu")
+    cpu = loading.resolve_device("cpu")
     assert cpu.type == "cpu"
-    assert harness.resolve_dtype("auto", cpu) == torch.float32
-    assert harness.resolve_dtype("bfloat16", cpu) == torch.bfloat16
-    assert harness.resolve_device("auto").type in {"cpu", "cuda", "xpu"}
+    assert loading.resolve_dtype("auto", cpu) == torch.float32
+    assert loading.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert loading.resolve_device("auto").type in {"cpu", "cuda", "xpu"}
     with pytest.raises(UserError, match="not a device"):
-        harness.resolve_device("gpu0")
+        loading.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
-            harness.resolve_device("cuda")
+            loading.resolve_device("cuda")
 
 
 def test_jsonable_makes_lm_eval_output_serialisable():
     raw = {"a": np.float64(0.5), "b": float("nan"), "c": (1, np.int64(2)), "d": len, "e": torch.float32, 3: None}
-    out = harness.jsonable(raw)
+    out = results_io.jsonable(raw)
     assert out == {"a": 0.5, "b": None, "c": [1, 2], "d": "builtins.len", "e": "torch.float32", "3": None}
     json.dumps(out, allow_nan=False)
 
@@ -95,7 +97,7 @@ def test_in_memory_and_cli_paths_agree(tiny_model_dir, tiny_task_dir, lora_adapt
 
 def test_cli_path_takes_a_lora_adapter_and_refuses_sift(tiny_model_dir, tiny_task_dir, lora_adapter_dir, tmp_path):
     cfg = _cfg(tiny_task_dir, backend="cli", limit=3)
-    cmd = harness.cli_command(tiny_model_dir, cfg, adapter_dir=lora_adapter_dir, device="cpu", dtype="float32",
+    cmd = cli_backend.cli_command(tiny_model_dir, cfg, adapter_dir=lora_adapter_dir, device="cpu", dtype="float32",
                               include_dir=tiny_task_dir, output_json=tmp_path / "r.json")
     assert cmd[cmd.index("--model_args") + 1] == f"pretrained={tiny_model_dir},dtype=float32,peft={lora_adapter_dir}"
     assert cmd[cmd.index("--limit") + 1] == "3" and cmd[cmd.index("--tasks") + 1] == "tiny_mc,tiny_ll"
@@ -103,15 +105,15 @@ def test_cli_path_takes_a_lora_adapter_and_refuses_sift(tiny_model_dir, tiny_tas
     sift.mkdir()
     (sift / "sift_adapter.json").write_text("{}")
     with pytest.raises(UserError, match="SIFT adapter, which the lm_eval CLI cannot load"):
-        harness.evaluate_with_cli(tiny_model_dir, cfg, sift)
+        cli_backend.evaluate_with_cli(tiny_model_dir, cfg, sift)
     with pytest.raises(UserError, match="contains a comma"):
-        harness.cli_command(tmp_path / "a,b", cfg, adapter_dir=None, device="cpu", dtype="float32",
+        cli_backend.cli_command(tmp_path / "a,b", cfg, adapter_dir=None, device="cpu", dtype="float32",
                             include_dir=tiny_task_dir, output_json=tmp_path / "r.json")
 
 
 def test_adapter_is_applied_in_memory(tiny_model_dir, lora_adapter_dir, tiny_tokenizer):
-    base, tokenizer, info = harness.load_model(tiny_model_dir, device="cpu")
-    tuned, _, tuned_info = harness.load_model(tiny_model_dir, lora_adapter_dir, device="cpu")
+    base, tokenizer, info = loading.load_model(tiny_model_dir, device="cpu")
+    tuned, _, tuned_info = loading.load_model(tiny_model_dir, lora_adapter_dir, device="cpu")
     assert info["adapter_kind"] is None and tuned_info["adapter_kind"] == "lora"
     assert info["dtype"] == "float32" and not tuned.training
     ids = tokenizer("The quick brown fox. Answer:", return_tensors="pt").input_ids
@@ -137,7 +139,7 @@ def test_sift_adapter_is_applied_and_folded_in_memory(tiny_model_dir, tmp_path):
         expected = trained(input_ids=ids).logits
     adapter = save_adapter(handle, tmp_path / "adapter")
 
-    model, _, info = harness.load_model(tiny_model_dir, adapter, device="cpu", dtype="float32")
+    model, _, info = loading.load_model(tiny_model_dir, adapter, device="cpu", dtype="float32")
     assert info["adapter_kind"] == "sift"
     assert not any(isinstance(m, SiftLinear) for m in model.modules())  # folded into plain Linear weights
     with torch.no_grad():
@@ -186,40 +188,40 @@ def test_eval_forces_offline(tiny_model_dir, tiny_task_dir, monkeypatch):
 
 def test_bad_model_and_adapter_dirs(tiny_model_dir, lora_adapter_dir, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        harness.check_model_dir(tmp_path / "nope")
+        loading.check_model_dir(tmp_path / "nope")
     with pytest.raises(UserError, match="it holds an adapter"):
-        harness.check_model_dir(lora_adapter_dir)
+        loading.check_model_dir(lora_adapter_dir)
     with pytest.raises(UserError, match="does not exist"):
-        harness.detect_adapter(tmp_path / "nope")
+        loading.detect_adapter(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a SIFT adapter"):
-        harness.detect_adapter(tmp_path / "empty")
+        loading.detect_adapter(tmp_path / "empty")
     with pytest.raises(UserError, match="full model directory"):
-        harness.detect_adapter(tiny_model_dir)
+        loading.detect_adapter(tiny_model_dir)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{oops")
     with pytest.raises(UserError, match="not a valid PEFT adapter config"):
-        harness.detect_adapter(broken)
+        loading.detect_adapter(broken)
 
 
 def test_unknown_task_and_include_path(tiny_task_dir, tmp_path):
     with pytest.raises(UserError, match=r"unknown lm-eval task\(s\) 'tiny_mcq' \(did you mean tiny_mc"):
-        harness.build_task_manager(_cfg(tiny_task_dir, tasks=["tiny_mcq"]))
+        tasks.build_task_manager(_cfg(tiny_task_dir, tasks=["tiny_mcq"]))
     # lm-eval's own tasks pass through (their data must then be in the local datasets cache)
-    manager = harness.build_task_manager(_cfg(tiny_task_dir, tasks=["mmlu", "tiny_mc"]))
+    manager = tasks.build_task_manager(_cfg(tiny_task_dir, tasks=["mmlu", "tiny_mc"]))
     assert "mmlu" in manager.all_groups and "mmlu_offline" in manager.all_groups
-    harness.check_tasks(_cfg(tiny_task_dir, tasks=["mmlu"], num_fewshot=5))  # fine: lm-eval's mmlu has a dev split
+    tasks.check_tasks(_cfg(tiny_task_dir, tasks=["mmlu"], num_fewshot=5))  # fine: lm-eval's mmlu has a dev split
     with pytest.raises(UserError, match="is not a directory"):
-        harness.include_dirs(_cfg(tmp_path / "missing"))
+        tasks.include_dirs(_cfg(tmp_path / "missing"))
 
 
 def test_read_results_errors(tmp_path):
     with pytest.raises(UserError, match="no eval results"):
-        harness.read_results(tmp_path / "results.json")
+        results_io.read_results(tmp_path / "results.json")
     (tmp_path / "bad.json").write_text("{\n  oops")
     with pytest.raises(UserError, match="bad.json:2: not valid JSON"):
-        harness.read_results(tmp_path / "bad.json")
+        results_io.read_results(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"x": 1}')
     with pytest.raises(UserError, match="no 'results' mapping"):
-        harness.read_results(tmp_path / "other.json")
+        results_io.read_results(tmp_path / "other.json")

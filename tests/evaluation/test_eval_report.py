@@ -10,6 +10,7 @@ from eval_helpers import MMLU_TREE, fake_results, mmlu_scores, write_evaluated_r
 from sift_llm.cli import main
 from sift_llm.errors import UserError
 from sift_llm.evaluation import report
+from sift_llm.evaluation import results as results_io
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,7 +22,7 @@ def _png(path) -> bool:
 def test_layout_puts_categories_in_the_summary_and_subjects_in_details():
     results = fake_results(mmlu_scores(), MMLU_TREE)
     results["results"]["tiny_mc"] = {"acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 10}
-    summary, details = report.layout(results)
+    summary, details = results_io.layout(results)
     assert [(r.name, r.label, r.level) for r in summary] == [
         ("mmlu_offline", "mmlu_offline (overall)", 0),
         ("mmlu_offline_stem", "stem", 1),
@@ -34,10 +35,10 @@ def test_layout_puts_categories_in_the_summary_and_subjects_in_details():
 def test_score_prefers_acc_and_falls_back_to_another_metric():
     results = {"results": {"t": {"perplexity,none": 12.5, "perplexity_stderr,none": "N/A", "sample_len": 4},
                            "u": {"acc_norm,none": 0.4, "acc,none": 0.3, "acc_stderr,none": 0.1}}}
-    t, u = report.score(results, "t"), report.score(results, "u")
+    t, u = results_io.score(results, "t"), results_io.score(results, "u")
     assert (t.metric, t.value, t.stderr, t.n) == ("perplexity", 12.5, None, 4)
     assert (u.metric, u.value, u.stderr) == ("acc", 0.3, 0.1)
-    assert report.score(results, "missing") is None
+    assert results_io.score(results, "missing") is None
 
 
 def test_run_report_table_and_charts(tmp_path):
@@ -137,7 +138,7 @@ def test_malformed_metrics_name_file_and_line(tmp_path, line, message):
 def test_metrics_lines_without_losses_are_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"event": "resumed"}\n\n{"step": 2, "eval_loss": NaN}\n')
-    records = report.read_metrics(path)
+    records = results_io.read_metrics(path)
     assert len(records) == 3 and records[1] == {"event": "resumed"}
 
 
