@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,15 @@ MERGE_PATHS = ("patch", "clone", "increment")
 # Measured with `sift-llm bench --only kernels` (benchmarks/README.md): on 2 CPU cores the sampled path
 # won up to ~10% density; on an H100 in bf16 torch's sampled product lost at every density measured (0.1%-5%).
 SAMPLED_MAX_DENSITY = {"cpu": 0.08}
-# Below this density the Triton tile kernel takes the values' gradient on that device type (when triton is
-# importable). NOT YET MEASURED: set from the kernel's L2-traffic model (sift_llm/sift/kernels/triton_ops.py:
-# ~2x faster than the dense GEMM at 0.5%, even at ~1%, slower from ~2% for a uniformly random pattern, better
-# for clustered gradient patterns). Replace with the crossover `scripts/gpu_checks.sh` measures.
-TRITON_MAX_DENSITY = {"cuda": 0.015}
+# The Triton tile kernel takes the values' gradient on a device type (when triton is importable) below this
+# density, and there only when the pattern's load ratio (TilePlan.load_ratio: token-columns the kernel reads
+# per weight entry, which its L2-bound time follows) is below the second threshold; the dense GEMM reads about
+# 1/128 + 1/256 = 0.0117 per entry. NOT YET MEASURED ON A GPU: both are set from the traffic model in
+# sift_llm/sift/kernels/triton_ops.py. A uniformly random pattern has a load ratio of ~0.011 at 1% (even with
+# dense) and ~0.0055 at 0.5%; SIFT's gradient-selected patterns are clustered (SmolLM2-135M, one Alpaca batch:
+# 0.004-0.009 at 1%, 0.016-0.029 at 5%). Replace both with what `scripts/gpu_checks.sh` measures.
+TRITON_MAX_DENSITY = {"cuda": 0.02}
+TRITON_MAX_LOAD_RATIO = {"cuda": 0.01}
 # Tile shape of the Triton kernels' plan (rows per group, union columns per tile); see kernels/plan.py.
 TRITON_GROUP_ROWS = 16
 TRITON_TILE_COLS = 128
@@ -165,21 +169,22 @@ def _sampled_supports(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def values_grad_path(numel: int, k: int, device: torch.device, requested: str = "auto",
-                     dtype: torch.dtype | None = None) -> str:
+                     dtype: torch.dtype | None = None, load_ratio: Callable[[], float] | None = None) -> str:
     """"triton", "sampled" or "dense": the cheaper exact way to compute ``k`` of ``numel`` weight-gradient
     entries on ``device`` (in ``dtype``), or the ``requested`` path when it is not "auto".
 
     The Triton and sampled products cost about ``k / numel`` of the dense one in arithmetic but run at gather
-    speed, so each wins below a device-dependent density (:data:`TRITON_MAX_DENSITY`, which needs triton and
-    a bf16/fp16/fp32 gradient, then :data:`SAMPLED_MAX_DENSITY`).
+    speed, so each wins below a device-dependent density: :data:`TRITON_MAX_DENSITY` (with triton installed,
+    a bf16/fp16/fp32 gradient and, when ``load_ratio`` is given, the pattern's load ratio below
+    :data:`TRITON_MAX_LOAD_RATIO`; it is only called past the other checks), then :data:`SAMPLED_MAX_DENSITY`.
     """
     if requested not in VALUES_GRAD_PATHS:
         raise ValueError(f"values_grad must be one of {', '.join(VALUES_GRAD_PATHS)}, got {requested!r}")
     if requested != "auto":
         return requested
     triton_dtype = dtype is None or dtype in (torch.bfloat16, torch.float16, torch.float32)
-    if (k < TRITON_MAX_DENSITY.get(device.type, 0.0) * numel and triton_dtype
-            and kernels.triton_usable(device)):
+    if (k < TRITON_MAX_DENSITY.get(device.type, 0.0) * numel and triton_dtype and kernels.triton_usable(device)
+            and (load_ratio is None or load_ratio() < TRITON_MAX_LOAD_RATIO.get(device.type, 0.0))):
         return "triton"
     return "sampled" if k < SAMPLED_MAX_DENSITY.get(device.type, 0.0) * numel else "dense"
 
@@ -239,7 +244,8 @@ class _SparseIncrementLinear(torch.autograd.Function):
             # Calibration: score this matrix's dense gradient now, then drop it; the values get no gradient.
             ctx.observer.observe(ctx.layer, grad_2d.t() @ x_2d, weight)
         elif ctx.needs_input_grad[3]:
-            path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype)
+            path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype,
+                                    layer.load_ratio)
             if path == "triton":
                 _require_triton(layer, grad_2d.device)
                 grad_values = kernels.load_triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
@@ -394,6 +400,17 @@ class SiftLinear(nn.Linear):
                                            TRITON_TILE_COLS)
             return plan, perm
         return self._kernel_state("plan_t", build)
+
+    def load_ratio(self) -> float:
+        """The tile plan's load ratio (the Triton kernel's traffic per weight entry), cached per selection. The
+        plan itself stays cached only while the cost rule picks the Triton path."""
+        def build():
+            plan_cached = "plan" in self._kernel_cache
+            ratio = self.tile_plan().load_ratio()
+            if not plan_cached and not ratio < TRITON_MAX_LOAD_RATIO.get(self.weight.device.type, 0.0):
+                self._kernel_cache.pop("plan")
+            return ratio
+        return self._kernel_state("load_ratio", build)
 
     def _increment_on_triton(self, tensor: torch.Tensor) -> bool:
         if self.values_grad == "triton":

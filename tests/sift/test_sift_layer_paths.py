@@ -134,6 +134,26 @@ def test_cost_rule_takes_triton_on_cuda_below_its_density_when_usable(monkeypatc
     assert values_grad_path(10_000, 100, cuda, dtype=torch.float64) == "dense"  # no fp64 Triton kernel
     assert values_grad_path(10_000, 100, cpu) == "sampled"  # auto never runs the interpreter
     assert values_grad_path(10_000, 500, cuda, "triton") == "triton"
+    # the pattern's load ratio (the kernel's traffic) decides inside the density threshold
+    monkeypatch.setattr(layer_module, "TRITON_MAX_LOAD_RATIO", {"cuda": 0.01})
+    assert values_grad_path(10_000, 100, cuda, dtype=torch.bfloat16, load_ratio=lambda: 0.005) == "triton"
+    assert values_grad_path(10_000, 100, cuda, dtype=torch.bfloat16, load_ratio=lambda: 0.02) == "dense"
+
+    def never():
+        raise AssertionError("the load ratio is only computed past the density threshold")
+
+    assert values_grad_path(10_000, 500, cuda, dtype=torch.bfloat16, load_ratio=never) == "dense"
+
+
+def test_layer_load_ratio_is_cached_and_keeps_the_plan_only_when_it_is_used(monkeypatch):
+    layer = sparse_linear(64, 48, k=40, dtype=torch.float32)
+    monkeypatch.setattr(layer_module, "TRITON_MAX_LOAD_RATIO", {"cpu": 0.0})
+    ratio = layer.load_ratio()
+    plan = kernels.build_tile_plan(layer.indices, 48, 64, layer_module.TRITON_GROUP_ROWS, layer_module.TRITON_TILE_COLS)
+    assert ratio == plan.load_ratio() > 0 and "plan" not in layer._kernel_cache
+    monkeypatch.setattr(layer_module, "TRITON_MAX_LOAD_RATIO", {"cpu": 1.0})
+    layer.set_selection(layer.indices.flip(0).sort().values)  # a new selection drops the cache
+    assert layer.load_ratio() == ratio and "plan" in layer._kernel_cache
 
 
 def test_config_options_reach_every_layer_and_unknown_paths_are_refused():

@@ -10,8 +10,8 @@ entry ``(u, i)`` is at ``tile_pos[tile, i] + (bits of row i set before u)``. Not
 
 Memory: 4 bytes per union column when ``group_rows == 16`` and ``in_features < 2**15`` (column and mask
 packed into one int32), else 8 (or 12 with 64-row groups), plus ``4 * (group_rows + 3)`` bytes per tile. For
-a uniformly random 1% pattern on a 4096-wide matrix the union of 16 rows holds ~0.93 columns per entry, so
-the plan costs ~4-5 bytes per selected entry, about as much as the int32 indices.
+a uniformly random 1% pattern on a LLaMA-7B matrix the union of 16 rows holds ~0.93 columns per entry, so
+the plan costs ~4.3 bytes per selected entry (5.2 at 0.1%, 3.2 at 5%), about as much as the int32 indices.
 """
 
 from __future__ import annotations

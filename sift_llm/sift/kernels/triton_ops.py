@@ -23,12 +23,14 @@ group's rows select.
 ``T * out * in * 2 B / 88``. The tile kernel does ``BR * union`` dot products over T (tensor-core work is
 far from the bound) and reads ``T * 2 B`` per union column of x plus ``T * 2 B * BR`` per tile of grad_out,
 all from L2 (x^T and grad_out fit in the 50 MB L2), so it is L2-bandwidth bound: its time follows
-``plan.load_ratio()`` (token-columns read per weight entry). For a uniformly random pattern with ``BR = 16``
-the union holds ~``1 - (1 - d)^16`` of the columns per group, and the load ratio is ~0.011 at d = 1%,
-~0.0055 at 0.5% and ~0.047 at 5%: about 2x faster than dense at 0.5%, even at ~1%, ~4x slower at 5%.
-Gradient top-k patterns are not uniform (activation outlier channels put many rows' entries on the same
-columns), which shrinks the union and moves the crossover up; ``layer.TRITON_MAX_DENSITY`` holds the
-threshold until a GPU measurement replaces it.
+``plan.load_ratio()`` (token-columns read per weight entry), against ~1/128 + 1/256 = 0.0117 for the dense
+GEMM's 128 x 256 tiles. For a uniformly random pattern with ``BR = 16`` the union holds ~``1 - (1 - d)^16``
+of the columns per group, and the load ratio is ~0.0055 at d = 0.5%, ~0.0105 at 1% and ~0.039 at 5%: about
+2x faster than dense at 0.5%, even at 1%, ~3x slower at 5%. Gradient-selected patterns are clustered
+(activation outlier channels put many rows' entries on the same columns): on SmolLM2-135M with one Alpaca
+batch their load ratio at 1% is 0.004-0.009, i.e. 1.3-3x faster than dense by this model. The cost rule
+(``layer.TRITON_MAX_DENSITY``, ``layer.TRITON_MAX_LOAD_RATIO``) holds these estimates until a GPU
+measurement replaces them.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def _values_grad_kernel(
     for t0 in range(0, tokens, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < tokens
-        xs = tl.load(x_rows + t[None, :].to(tl.int64) * stride_xt, mask=u_ok[:, None] & t_ok[None, :], other=0.0)
+        # tokens are x^T's contiguous axis: int32 offsets keep the loads' contiguity visible to the compiler
+        xs = tl.load(x_rows + t[None, :] * stride_xt, mask=u_ok[:, None] & t_ok[None, :], other=0.0)
         gs = tl.load(g_cols + t[:, None].to(tl.int64) * stride_gt, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             xs = xs.to(tl.float32)
@@ -115,7 +118,7 @@ def _increment_kernel(
         bits = (masks[:, None] >> i[None, :]) & 1
         pos = tl.load(tile_pos_ptr + tile * BR + i)[None, :] + _exclusive_row_counts(bits)
         s = tl.load(values_ptr + pos, mask=bits != 0, other=0.0)
-        xs = tl.load(xt_ptr + cols.to(tl.int64)[None, :] * stride_xc + t[:, None].to(tl.int64) * stride_xt,
+        xs = tl.load(xt_ptr + cols.to(tl.int64)[None, :] * stride_xc + t[:, None] * stride_xt,
                      mask=t_ok[:, None] & u_ok[None, :], other=0.0)
         s = s.to(xs.dtype)
         if UPCAST:
