@@ -66,8 +66,8 @@ def choose_sparsity(matrices: list[tuple[int, int]]) -> float:
     """The largest sparsity at which PEFT's count covers every (numel, selected) matrix, selected >= 1.
 
     PEFT's count shrinks as the sparsity grows, so the largest feasible sparsity gives every matrix its
-    smallest covering count at once. The exact bound is ``1 - max(selected / numel)``; the float steps
-    below settle the last ulp against PEFT's own float formula.
+    smallest covering count at once. In exact arithmetic that is ``1 - max(selected / numel)``; a bisection
+    over floats against PEFT's own float formula settles the last ulp.
     """
     if not matrices:
         raise ValueError("no matrix to size")
@@ -75,14 +75,21 @@ def choose_sparsity(matrices: list[tuple[int, int]]) -> float:
     def covers(sparsity: float) -> bool:
         return all(peft_count(numel, sparsity) >= selected for numel, selected in matrices)
 
-    sparsity = max(0.0, 1.0 - max(selected / numel for numel, selected in matrices))
-    while not covers(sparsity):
-        sparsity = max(0.0, math.nextafter(sparsity, -math.inf))
-    while True:
-        higher = math.nextafter(sparsity, math.inf)
-        if higher >= 1.0 or not covers(higher):
-            return sparsity
-        sparsity = higher
+    low, high = 0.0, 1.0  # sparsity 0 keeps every entry; 1 is outside PEFT's range
+    if not covers(low):
+        raise ValueError("a matrix selects more entries than it has")
+    while (mid := (low + high) / 2) > low and mid < high:
+        if covers(mid):
+            low = mid
+        else:
+            high = mid
+    # The shortest decimal at or below it that gives the same counts reads better in adapter_config.json.
+    counts = [peft_count(numel, low) for numel, _ in matrices]
+    for digits in range(1, 18):
+        short = math.floor(low * 10**digits) / 10**digits
+        if short <= low and [peft_count(numel, short) for numel, _ in matrices] == counts:
+            return short
+    return low
 
 
 def pad_selection(indices: torch.Tensor, values: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
