@@ -6,6 +6,7 @@ version, the base model's name and fingerprints, the SIFT config and the per-mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -20,9 +21,9 @@ from sift_llm import __version__, runtime, schema
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir, atomic_write_json
 from sift_llm.sift.config import SiftConfig
-from sift_llm.sift.model import SiftHandle, attach_sift, base_fingerprint, find_targets
+from sift_llm.sift.model import SiftHandle, attach_sift, base_fingerprint, content_probe_positions, find_targets
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # base_model.content (optional; readers without it ignore it) came later within version 1
 TENSORS_FILE = "sift_adapter.safetensors"
 META_FILE = "sift_adapter.json"
 
@@ -35,6 +36,7 @@ def save_adapter(
     dense_state: Mapping[str, torch.Tensor] | None = None,
     extra: Mapping[str, Any] | None = None,
     replace: bool = False,
+    content: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the increment to ``directory`` atomically; call it on one rank.
 
@@ -42,6 +44,8 @@ def save_adapter(
     the model. Under ZeRO-3 (or to store fp32 masters instead of bf16 values) pass already gathered
     tensors: ``increments`` as {module name: (indices, values)} and ``dense_state`` as
     {"<module>.<param>": tensor}. ``extra`` (JSON-ready) is stored in the metadata, e.g. the selection report.
+    ``content`` is :meth:`SiftHandle.base_content` (computed here when not given; under ZeRO-3 the caller
+    computes it with its gather function on every rank).
     """
     if increments is None:
         increments = handle.increments()
@@ -68,6 +72,7 @@ def save_adapter(
             "name": handle.base_name,
             "fingerprint": handle.fingerprint,
             "shape_fingerprint": handle.shape_fingerprint,
+            "content": dict(content) if content is not None else handle.base_content(),
         },
         "config": schema.to_dict(handle.config),
         "modules": modules,
@@ -105,8 +110,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> SiftHandle:
     """
     meta = read_adapter_metadata(directory)
     config = schema.build(SiftConfig, meta["config"], "sift")
-    _check_base(model, config, meta["base_model"], directory)
     tensors = load_file(str(Path(directory) / TENSORS_FILE))
+    _check_base(model, config, meta["base_model"], directory,
+                {name: tensors[f"{name}.indices"] for name in meta["modules"]})
     handle = attach_sift(model, config, base_name=meta["base_model"]["name"])
     handle.apply_increment({name: (tensors[f"{name}.indices"], tensors[f"{name}.values"]) for name in meta["modules"]})
     dense = handle.dense_parameters()
@@ -119,19 +125,64 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> SiftHandle:
     return handle
 
 
-def _check_base(model: nn.Module, config: SiftConfig, expected: Mapping[str, str], directory) -> None:
-    targets = find_targets(model, config).items()
-    shape_fingerprint = base_fingerprint(targets, with_dtypes=False)
+def _check_base(model: nn.Module, config: SiftConfig, expected: Mapping[str, Any], directory, indices) -> None:
+    """Refuse a base that is not the one the adapter was trained on: other names or shapes of the targeted
+    weights, or other values at the selected positions (another fine-tune, or the adapter's own merged model)."""
+    targets = find_targets(model, config)
+    shape_fingerprint = base_fingerprint(targets.items(), with_dtypes=False)
     here = getattr(model, "name_or_path", "") or "(unnamed model)"
+    trained_on = expected["name"] or "(unnamed)"
     if shape_fingerprint != expected["shape_fingerprint"]:
         raise UserError(
-            f"the adapter in {directory} was trained on base {expected['name'] or '(unnamed)'!r} "
+            f"the adapter in {directory} was trained on base {trained_on!r} "
             f"(fingerprint {expected['fingerprint'][:16]}, shapes {expected['shape_fingerprint'][:16]}) "
-            f"but the model given is {here!r} (fingerprint {base_fingerprint(targets)[:16]}, "
+            f"but the model given is {here!r} (fingerprint {base_fingerprint(targets.items())[:16]}, "
             f"shapes {shape_fingerprint[:16]}): its targeted weights differ in names or shapes"
         )
-    if base_fingerprint(targets) != expected["fingerprint"]:
+    content = expected.get("content")
+    if content is None:
+        runtime.log(f"SIFT adapter {directory}: written before base-content fingerprints; the base's weights are not checked")
+    else:
+        problem = _content_mismatch(targets, indices, content)
+        if problem:
+            raise UserError(
+                f"the adapter in {directory} was trained on base {trained_on!r}, but the model given ({here!r}) "
+                f"holds other weights at the adapter's positions ({problem}): it is another model of the same "
+                "architecture, or a merged model that already contains an increment (applying an adapter to its "
+                "own merged model adds the increment twice). Load the base the adapter was trained on."
+            )
+    if base_fingerprint(targets.items()) != expected["fingerprint"]:
         runtime.log(f"SIFT adapter: base {here!r} matches the adapter's base except for the weights' dtype")
+
+
+def _content_mismatch(targets: Mapping[str, nn.Linear], indices: Mapping[str, torch.Tensor], content) -> str | None:
+    """None when the targets hold the recorded base values; else what differs.
+
+    In the recorded dtype the sha256 must match exactly; in another dtype (a bf16-trained adapter on an fp32
+    base, say) the recorded fp32 probes must agree within the coarser dtype's rounding.
+    """
+    dtypes = {str(module.weight.dtype) for module in targets.values()}
+    if ",".join(sorted(dtypes)) == content["dtype"]:
+        digest = hashlib.sha256()
+        for name, module in targets.items():
+            base = module.weight.detach().reshape(-1).index_select(0, indices[name].long().to(module.weight.device))
+            digest.update(name.encode() + b"\0" + base.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return None if digest.hexdigest() == content["sha256"] else "the sha256 of the base values differs"
+    eps = max(torch.finfo(getattr(torch, d.removeprefix("torch."))).eps for d in [*dtypes, *content["dtype"].split(",")])
+    worst, differing, probed = 0.0, 0, 0
+    for name, module in targets.items():
+        at = indices[name].long()
+        recorded = torch.tensor(content["probes"].get(name, []), dtype=torch.float32)
+        here = module.weight.detach().reshape(-1).index_select(0, at[content_probe_positions(at.numel())].to(
+            module.weight.device)).float().cpu()
+        if here.numel() != recorded.numel():
+            return f"{name}: {recorded.numel()} probes recorded, {here.numel()} positions here"
+        diff = (here - recorded).abs()
+        bad = diff > eps * recorded.abs() + 1e-30
+        differing += int(bad.sum())
+        probed += recorded.numel()
+        worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+    return f"{differing} of {probed} probed values differ, by up to {worst:.3g}" if differing else None
 
 
 def _check_names(what: str, given: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

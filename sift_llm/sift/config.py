@@ -48,7 +48,8 @@ class SiftConfig:
     )
     calibration_batches: int = option(
         1,
-        help="forward/backward passes scored before the selection is fixed (per rank; ranks' gradients are summed)",
+        help="batches scored before the selection is fixed; a batch is one optimizer batch (micro_batch_size x "
+        "gradient_accumulation_steps x ranks examples, the token-weighted gradient of a training step)",
         min=1,
     )
     pool_factor: float = option(

@@ -239,11 +239,13 @@ class _SparseIncrementLinear(torch.autograd.Function):
                 with effective_weight(weight, values, indices, layer.merge) as effective:
                     grad_x = (grad_out @ effective.to(dtype)).to(x.dtype)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
         if ctx.observer is not None:
-            # Calibration: score this matrix's dense gradient now, then drop it; the values get no gradient.
-            ctx.observer.observe(ctx.layer, grad_2d.t() @ x_2d, weight)
-        elif ctx.needs_input_grad[3]:
+            # Calibration: the selector forms and scores this matrix's gradient (in fp32), then drops it;
+            # the values get no gradient.
+            ctx.observer.observe(ctx.layer, grad_2d, x.reshape(-1, x.shape[-1]), weight)
+            return grad_x, None, None, None, None, None, None
+        x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        if ctx.needs_input_grad[3]:
             path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype,
                                     layer.load_ratio)
             if path == "triton":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -56,9 +57,10 @@ class SiftHandle:
         """Whether the values' sizes are final, i.e. an optimizer or DeepSpeed engine may be built now."""
         return self.config.scope == "per_matrix" or self.selected
 
-    def selector(self, group: torch.distributed.ProcessGroup | None = None) -> Selector:
-        """A selector for this model; ``group`` is the data-parallel group (default: the whole world)."""
-        return Selector(self, group)
+    def selector(self, group: torch.distributed.ProcessGroup | None = None, micro_batches: int = 1) -> Selector:
+        """A selector for this model; ``group`` is the data-parallel group (default: the whole world) and
+        ``micro_batches`` the micro-batches per rank that make up one scored batch (gradient accumulation)."""
+        return Selector(self, group, micro_batches)
 
     def dense_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters of the dense modules, keyed ``<module>.<param>``."""
@@ -102,6 +104,24 @@ class SiftHandle:
             layer.set_selection(indices)
             with torch.no_grad():
                 layer.values.copy_(values.reshape(-1).to(device=layer.values.device, dtype=layer.values.dtype))
+
+    def base_content(self, gather=None) -> dict:
+        """The identity of the base weights under the increment, in O(selected) work: a sha256 over the base
+        values at the selected positions (in the weights' dtype), and a few of them in fp32.
+
+        A base that shares names and shapes but not weights (another fine-tune, or this adapter's own merged
+        model, whose selected entries already hold the increment) differs here. Under ZeRO-3 pass ``gather``,
+        a function of a parameter list returning a context that gathers them (called on every rank).
+        """
+        digest = hashlib.sha256()
+        probes, dtypes = {}, set()
+        for name, layer in self.layers.items():
+            with gather([layer.weight]) if gather is not None else contextlib.nullcontext():
+                base = layer.weight.detach().reshape(-1).index_select(0, layer.indices.long()).cpu()
+            digest.update(name.encode() + b"\0" + base.contiguous().view(torch.uint8).numpy().tobytes())
+            probes[name] = base[content_probe_positions(base.numel())].float().tolist()
+            dtypes.add(str(layer.weight.dtype))
+        return {"dtype": ",".join(sorted(dtypes)), "sha256": digest.hexdigest(), "probes": probes}
 
     def memory_report(self, optimizer: str = "adamw", master_dtype: torch.dtype | None = torch.float32) -> StateReport:
         """Bytes of trainable state; see :func:`sift_llm.sift.memory.trainable_state_report`."""
@@ -161,6 +181,11 @@ def merge_into_base(model: nn.Module | SiftHandle) -> nn.Module:
         if isinstance(module, SiftLinear):
             module.fold_and_revert()
     return model
+
+
+def content_probe_positions(count: int, probes: int = 16) -> torch.Tensor:
+    """Evenly spaced positions into a matrix's ``count`` selected entries where base values are recorded."""
+    return torch.linspace(0, max(count - 1, 0), min(count, probes)).round().long()
 
 
 def base_fingerprint(layers, *, with_dtypes: bool = True) -> str:

@@ -119,3 +119,38 @@ def test_writes_are_atomic_and_do_not_overwrite(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     with pytest.raises(UserError, match="is not a SIFT adapter"):
         load_adapter(tiny_model(), tmp_path)
+
+
+def test_loading_onto_its_own_merged_model_is_refused(trained, tmp_path):
+    _, handle, _ = trained
+    directory = save_adapter(handle, tmp_path / "adapter")
+    merged = merge_into_base(load_adapter(tiny_model(), directory))  # W + delta at the selected positions
+    merged.name_or_path = "merged-copy"
+    with pytest.raises(UserError, match=r"trained on base .*'merged-copy'.*merged model that already contains"):
+        load_adapter(merged, directory)  # would give W + 2 delta
+    assert not any(isinstance(m, SiftLinear) for m in merged.modules())
+
+
+def test_loading_onto_another_model_of_the_same_architecture_is_refused(trained, tmp_path):
+    _, handle, _ = trained
+    directory = save_adapter(handle, tmp_path / "adapter")
+    other = tiny_model(seed=7)  # same names and shapes, other weights
+    other.name_or_path = "another-fine-tune"
+    with pytest.raises(UserError, match="'another-fine-tune'.*other weights at the adapter's positions.*sha256"):
+        load_adapter(other, directory)
+    # The recorded probes catch it across dtypes too.
+    with pytest.raises(UserError, match=r"probed values differ"):
+        load_adapter(tiny_model(seed=7).to(torch.bfloat16), directory)
+
+
+def test_the_content_fingerprint_is_recorded_from_the_base_values(trained, tmp_path):
+    _, handle, _ = trained
+    meta = json.loads((save_adapter(handle, tmp_path / "adapter") / "sift_adapter.json").read_text())
+    content = meta["base_model"]["content"]
+    assert content["dtype"] == "torch.float32" and len(content["sha256"]) == 64
+    name = "model.layers.0.self_attn.q_proj"
+    layer = handle.layers[name]
+    probes = torch.tensor(content["probes"][name])
+    assert 0 < probes.numel() <= 16
+    assert torch.equal(probes, layer.weight.detach().reshape(-1)[layer.indices.long()][
+        torch.linspace(0, layer.k - 1, probes.numel()).round().long()])
