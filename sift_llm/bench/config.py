@@ -10,7 +10,7 @@ import yaml
 from sift_llm import schema
 from sift_llm.schema import ConfigError, option
 
-PARTS = ("cost", "quality", "layer_stack", "kernels")
+PARTS = ("cost", "quality", "layer_stack", "kernels", "packing")
 
 
 @dataclass
@@ -111,6 +111,24 @@ class KernelsConfig:
 
 
 @dataclass
+class PackingConfig:
+    """Tokens/s and padding share, packed vs padded (data.packing), through the trainer on the demo at 512 tokens."""
+
+    enabled: bool = option(False)
+    experiment: str = option("configs/demo.yaml", help="experiment config both runs start from")
+    max_length: int = option(512, min=8)
+    ranks: int = option(2, min=1)
+    validation_size: int = option(48, min=1, help="held-out examples (never packed; all of them are evaluated)")
+    padded_micro_batch_size: int = option(4, min=1, help="examples per rank per step of the padded run")
+    packed_micro_batch_size: int | None = option(
+        None, min=1, help="packed sequences per rank per step; null: the count whose tokens come closest to the padded run's"
+    )
+    steps: int = option(12, min=1, help="steps of the padded run; the packed run's steps carry the same token budget")
+    warmup_steps: int = option(2, min=0, help="steps left out of the timing")
+    goal_ratio: float = option(1.8, help="target packed / padded tokens/s")
+
+
+@dataclass
 class BenchConfig:
     name: str = option("bench", help="label of this run in the report")
     output_dir: str = option("benchmarks/results/cpu", help="where bench.json, bench.md and bench.png go")
@@ -119,6 +137,7 @@ class BenchConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     layer_stack: LayerStackConfig = field(default_factory=LayerStackConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
 
     def enabled_parts(self) -> list[str]:
         return [part for part in PARTS if getattr(self, part).enabled]

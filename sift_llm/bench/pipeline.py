@@ -48,6 +48,10 @@ def run_part(cfg: BenchConfig, part: str) -> dict:
         from sift_llm.bench.layer_stack import run_layer_stack
 
         return run_layer_stack(cfg.layer_stack)
+    if part == "packing":
+        from sift_llm.bench.packing import run_packing
+
+        return run_packing(cfg)
     from sift_llm.bench.kernels import run_kernels
 
     return run_kernels(cfg.kernels)

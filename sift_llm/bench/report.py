@@ -224,8 +224,10 @@ def render_markdown(results: dict) -> str:
     targets = evaluate(results)
     if targets:
         lines += targets_section(targets) + [""]
+    from sift_llm.bench.packing import packing_section
+
     for name, section in (("cost", cost_section), ("quality", quality_section), ("layer_stack", stack_section),
-                          ("kernels", kernels_section)):
+                          ("kernels", kernels_section), ("packing", packing_section)):
         if name in parts:
             lines += section(parts[name]) + [""]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ each assistant turn, which is exact for any template that renders a conversation
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from sift_llm.data.readers import ChatRow, InstructionRow, InvalidRow
@@ -40,25 +41,26 @@ class Tokenize:
     """Batched tokenization through the fast tokenizer's backend when it gives the tokenizer's own ids.
 
     ``tokenizer(texts)`` adds a Python layer around ``tokenizers.Tokenizer.encode_batch`` that costs more than
-    the encoding itself; the backend (a copy without truncation or padding) is used only after it reproduced
-    the tokenizer's ids and offsets on probe texts, else the tokenizer is called.
+    the encoding itself; the backend is used only after it reproduced
+    the tokenizer's ids and offsets on probe texts, else the tokenizer is called. (A backend with truncation or
+    padding configured is copied without them.)
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            try:
+        if backend is not None and (backend.truncation is not None or backend.padding is not None):
+            try:  # a copy, so that truncation and padding set in tokenizer.json do not apply
                 from tokenizers import Tokenizer
 
-                copy = Tokenizer.from_str(backend.to_str())
-                copy.no_truncation()
-                copy.no_padding()
+                backend = Tokenizer.from_str(backend.to_str())
+                backend.no_truncation()
+                backend.no_padding()
             except Exception:  # an exotic backend: the tokenizer's own call is always right
-                copy = None
-            if copy is not None and self._agrees(copy):
-                self.backend = copy
+                backend = None
+        if backend is not None and self._agrees(backend):
+            self.backend = backend
 
     def _agrees(self, backend) -> bool:
         texts = ["Below is an instruction.\n\n### Response:", " leading space", "tabs\tand\nnewlines\n\n x",
@@ -77,13 +79,12 @@ class Tokenize:
             return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
         return [list(x) for x in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
-    def ids_and_starts(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """(ids, start offset of each token) per text, no special tokens added."""
+    def ids_and_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, (start, end) character offsets of each token) per text, no special tokens added."""
         if self.backend is not None:
-            return [(e.ids, [start for start, _ in e.offsets])
-                    for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         out = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(list(ids), [start for start, _ in offsets])
+        return [(list(ids), [tuple(o) for o in offsets])
                 for ids, offsets in zip(out["input_ids"], out["offset_mapping"])]
 
 
@@ -209,8 +210,8 @@ class ChatEncoder:
             texts.append(text)
             spans.append(row_spans)
             slots.append(i)
-        for i, row_spans, (ids, starts) in zip(slots, spans, self.tokenize.ids_and_starts(texts)):
-            results[i] = (ids, _labels(ids, starts, row_spans))
+        for i, row_spans, (ids, offsets) in zip(slots, spans, self.tokenize.ids_and_offsets(texts)):
+            results[i] = (ids, _labels(ids, offsets, row_spans))
         return results
 
 
@@ -235,16 +236,13 @@ def _find_spans(full: str, messages: list[dict], prompt: str, end: str) -> list[
     return spans
 
 
-def _labels(ids: list[int], starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels that keep the tokens starting inside a span. Token starts never decrease, so each span's tokens
+    are one slice, found by bisection on the (start, end) offsets."""
     labels = [IGNORE_INDEX] * len(ids)
-    k, count = 0, len(spans)
-    for position, start in enumerate(starts):
-        while k < count and start >= spans[k][1]:
-            k += 1
-        if k == count:
-            break
-        if start >= spans[k][0]:
-            labels[position] = ids[position]
+    for lo, hi in spans:
+        first, last = bisect.bisect_left(offsets, (lo,)), bisect.bisect_left(offsets, (hi,))
+        labels[first:last] = ids[first:last]
     return labels
 
 
