@@ -66,7 +66,8 @@ def triton_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def random_pattern(out_f: int, in_f: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randperm(out_f * in_f, generator=generator)[:k].sort().values.to(device=device, dtype=torch.int32)
+    """k uniformly random sorted flat indices, drawn on ``device`` with ``generator`` (made for that device)."""
+    return torch.randperm(out_f * in_f, generator=generator, device=device)[:k].sort().values.to(torch.int32)
 
 
 def topk_pattern(grad: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,7 +98,7 @@ def measure_matrix(out_f: int, in_f: int, tokens: int, dtype: torch.dtype, densi
     device = device or default_device()
     inner = 5 if device.type == "cuda" else 1
     grad, x = make_inputs(out_f, in_f, tokens, dtype, device, pattern)
-    generator = torch.Generator(device="cpu").manual_seed(1)
+    generator = torch.Generator(device=device).manual_seed(1)
     use_triton = "triton" in paths and triton_runs(device, dtype)
     ops = kernels.load_triton_ops() if use_triton else None
     frozen = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).requires_grad_(False)
@@ -185,7 +186,7 @@ def sweep_tiles(out_f: int, in_f: int, tokens: int, dtype: torch.dtype, density:
     ops = kernels.load_triton_ops()
     grad, x = make_inputs(out_f, in_f, tokens, dtype, device, "random")
     k = max(1, round(density * out_f * in_f))
-    indices = random_pattern(out_f, in_f, k, torch.Generator().manual_seed(2), device)
+    indices = random_pattern(out_f, in_f, k, torch.Generator(device=device).manual_seed(2), device)
     rows = []
     for group_rows, tile_cols, block_t, warps, stages in configs:
         plan = kernels.build_tile_plan(indices, out_f, in_f, group_rows, tile_cols)

@@ -4,12 +4,16 @@ Each method gets a fresh stack (random init, same seed) and runs the same steps 
 hidden states: SIFT (selection on the first batch, then training), LoRA at SIFT's parameter count, full
 fine-tuning. Every method trains through :class:`~sift_llm.bench.common.MasterAdamW`. Measured: peak
 device memory (CUDA max allocated, or peak RSS on CPU) over the training steps, median step time,
-tokens/s, trainable-state bytes, and the selection pass's time and peak memory.
+tokens/s, trainable-state bytes, and the selection pass's time and peak memory. SIFT rows also record
+which values'-gradient path the cost rule took in each layer (``values_grad_paths``) and the Triton tile
+plans' load ratio and bytes (held during the steps, so inside the peak); ``forced_paths`` adds SIFT rows that
+force one path (dense, sampled, or triton on CUDA).
 """
 
 from __future__ import annotations
 
 import gc
+from collections import Counter
 
 import torch
 from torch import nn
@@ -97,6 +101,7 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
         row["selection_s"] = timed(select, device)
         row["selection_peak_bytes"] = _device_peak(device)
         row["selection_start_bytes"] = before
+        row.update(kernel_choices(handle, device, dtype))
         params = handle.trainable_parameters()
         row["trainable"] = sum(layer.k for layer in handle.layers.values())
         row["index_bytes"] = sum(layer.indices.numel() * layer.indices.element_size() for layer in handle.layers.values())
@@ -136,6 +141,22 @@ def run_variant(cfg: LayerStackConfig, variant: dict, device: torch.device) -> d
     return row
 
 
+def kernel_choices(handle, device: torch.device, dtype: torch.dtype) -> dict:
+    """Which values'-gradient path each SIFT layer takes (the cost rule's choice for "auto"), the Triton tile
+    plans' load ratios (the kernel's traffic per weight entry) and their bytes, built here before the steps."""
+    from sift_llm.sift.layer import values_grad_path
+
+    paths: Counter[str] = Counter()
+    ratios, plan_bytes = [], 0
+    for layer in handle.layers.values():
+        path = values_grad_path(layer.numel_weight, layer.k, device, layer.values_grad, dtype, layer.load_ratio)
+        paths[path] += 1
+        if path == "triton":
+            ratios.append(layer.load_ratio())
+            plan_bytes += layer.tile_plan().nbytes
+    return {"values_grad_paths": dict(paths), "triton_load_ratio": median(ratios), "triton_plan_bytes": plan_bytes}
+
+
 def variants(cfg: LayerStackConfig) -> tuple[list[dict], dict]:
     """The methods to run, in order, and facts about the matching (shapes, counts, LoRA rank)."""
     with torch.device("meta"):
@@ -143,6 +164,7 @@ def variants(cfg: LayerStackConfig) -> tuple[list[dict], dict]:
     r = matching_lora_rank(shapes, cfg.lora_match_density)
     out = [{"label": f"sift-{d * 100:g}%", "method": "sift", "density": d} for d in cfg.sift_densities]
     match = f"sift-{cfg.lora_match_density * 100:g}%"
+    # forced paths: "dense", "sampled" or "triton" (the last needs CUDA and triton)
     for path in cfg.forced_paths:
         out.append({"label": f"{match} ({path} dW)", "method": "sift", "density": cfg.lora_match_density, "values_grad": path})
     if cfg.before_kernels:

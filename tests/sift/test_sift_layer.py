@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sift_test_utils import lm_loss, selected_model, token_batches
 from torch import nn
 
@@ -136,3 +137,26 @@ def test_index_dtype_and_frozen_base():
         assert not layer.weight.requires_grad
         assert layer.indices.dtype == torch.int32
         assert torch.all(layer.indices[1:] > layer.indices[:-1])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_increment_merge_trains_a_model_like_the_weight_patch(autocast):
+    # merge "increment" (W untouched, a separate sparse product) against the default in-place patch
+    model, handle, _ = selected_model()
+    with torch.no_grad():
+        for layer in handle.layers.values():
+            layer.values.normal_(std=0.01)
+    ids = token_batches(2)[1]
+    grads = {}
+    for merge in ("patch", "increment"):
+        for layer in handle.layers.values():
+            layer.merge = merge
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            grads[merge] = values_grads(model, handle, ids)
+    for name, patched in grads["patch"].items():
+        separate = grads["increment"][name]
+        assert separate.dtype == torch.float32 and torch.isfinite(separate).all()
+        if autocast:  # bf16 products: W + v rounded once vs W and v rounded apart
+            assert F.cosine_similarity(separate, patched, dim=0) > 0.99, name
+        else:
+            torch.testing.assert_close(separate, patched, rtol=1e-4, atol=1e-6)

@@ -262,7 +262,8 @@ def test_llama_shape_bf16_on_gpu(ops, density):
     # A LLaMA-7B MLP matrix, 1024 tokens: both kernels against the dense bf16 path (int64 addressing, many tiles).
     out_features, in_features, tokens = 11008, 4096, 1024
     k = round(density * out_features * in_features)
-    indices = random_indices(out_features, in_features, k).to(DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    indices = torch.randperm(out_features * in_features, generator=generator, device=DEVICE)[:k].sort().values.int()
     plan = build_tile_plan(indices, out_features, in_features)
     grad = torch.randn(tokens, out_features, device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(tokens, in_features, device=DEVICE, dtype=torch.bfloat16)

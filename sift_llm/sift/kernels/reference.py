@@ -49,7 +49,8 @@ def csr_matmul_t(inputs: torch.Tensor, pattern: CsrPattern, values: torch.Tensor
     order (permuted by ``pattern.perm`` first when set): ``inputs`` is (tokens, cols), the result (tokens, rows)."""
     compute = _compute_dtype(inputs.dtype)
     vals = values.detach() if pattern.perm is None else values.detach()[pattern.perm]
-    with warnings.catch_warnings():
+    # autocast would run the product in bf16, which CPU CSR kernels lack; the fp32 compute is the point here
+    with warnings.catch_warnings(), torch.autocast(inputs.device.type, enabled=False):
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         matrix = torch.sparse_csr_tensor(pattern.crow, pattern.col, vals.to(compute), (pattern.rows, pattern.cols),
                                          check_invariants=False)
