@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on the embedded default: fetch assets -> data -> train (SIFT, ZeRO-2, two local
-# ranks) -> eval (MMLU, base and tuned) -> report. Sets up the environment on first run.
+# ranks) -> eval (held-out response likelihood, generation samples and MMLU, base and tuned) -> report.
+# Sets up the environment on first run; prints each stage's time and, at the end, the report's first table.
 #   bash scripts/demo.sh [CONFIG] [section.key=value ...]     (default CONFIG: configs/demo.yaml)
 #   SIFT_LLM_RANKS=N   number of local ranks (default 2)
 set -euo pipefail
@@ -8,17 +9,38 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 config=configs/demo.yaml
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
-bin=$(bash scripts/setup.sh)
 started=$(date +%s)
+mark=$started
+cpu_seconds() {  # CPU seconds (user + sys) of this script's finished child processes so far
+  times | awk 'NR == 2 { total = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); total += p[1] * 60 + p[2] } printf "%d", total }'
+}
+cpu_mark=0
+stage() {  # stage NAME: print the previous stage's wall and CPU time, then this stage's banner
+  local now cpu
+  now=$(date +%s)
+  cpu=$(cpu_seconds)
+  [ -n "${current:-}" ] && echo "== $current: $((now - mark)) s wall, $((cpu - cpu_mark)) CPU-s"
+  mark=$now
+  cpu_mark=$cpu
+  current=$1
+  [ -n "$1" ] && echo "== $1"
+  return 0
+}
 
-echo "== assets"
+stage setup
+bin=$(bash scripts/setup.sh)
+stage assets
 "$bin/sift-llm" assets
-echo "== data"
+stage data
 "$bin/sift-llm" data "$config" "$@"
-echo "== train"
+stage train
 bash launch.sh "$config" --num_gpus "${SIFT_LLM_RANKS:-2}" "$@"
 run_dir=$("$bin/sift-llm" config "$config" "$@" --get run_dir)
-echo "== eval"
+stage eval
 "$bin/sift-llm" eval "$run_dir"
-echo "== done in $(( $(date +%s) - started )) s"
-echo "report: $run_dir/report.md"
+stage ""
+echo "== done in $(( $(date +%s) - started )) s wall, $(cpu_seconds) CPU-s (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
+report=$run_dir/report.md
+# the first table (held-out response likelihood, base vs tuned)
+awk '/^\| /{shown=1; print; next} shown{exit}' "$report"
+echo "report: $report"

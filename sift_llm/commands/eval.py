@@ -12,7 +12,10 @@ Run mode:  sift-llm eval RUN_DIR [options]
   Reads RUN_DIR/config.yaml (model.path and the eval: section; options below override it), evaluates the
   base model (results cached by fingerprint, so reruns skip it) and the tuned model (RUN_DIR/adapter applied
   in memory, SIFT or LoRA, else RUN_DIR/merged), and writes RUN_DIR/eval/{base,tuned}/results.json,
-  RUN_DIR/report.md, eval_summary.json and PNG charts. Prints the report path.
+  RUN_DIR/report.md, eval_summary.json, samples.json and PNG charts. Prints the report path.
+  Besides the tasks, both models are scored on the run's held-out split (the validation examples named by
+  RUN_DIR/train_summary.json): the mean NLL per reference-response token (the trainer's held-out loss)
+  and perplexity, and greedy answers to the first few held-out instructions, shown side by side.
 
 Free-form: sift-llm eval --model DIR [--adapter DIR | --base DIR] [options] --output OUT
   Without a reference model: OUT/results.json and OUT/report.md. With --adapter (compared against --model) or --base (a base
@@ -79,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opts.add_argument("--cache-dir", metavar="DIR", help="base-results cache (default $SIFT_LLM_CACHE/eval)")
     opts.add_argument("--log-samples", action="store_true", default=None,
                       help="keep per-question records in results.json")
+    opts.add_argument("--no-heldout", action="store_true", help="run mode: skip the held-out response likelihood")
+    opts.add_argument("--samples", type=int, metavar="N", help="run mode: held-out instructions to answer (default 5; 0: none)")
+    opts.add_argument("--max-new-tokens", type=int, metavar="N", help="token bound per generated sample (default 128)")
     parser.set_defaults(func=run)
 
 
@@ -97,10 +103,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "apply_chat_template": args.chat_template,
         "cache_dir": args.cache_dir,
         "log_samples": args.log_samples,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
     }
     out = {k: v for k, v in mapping.items() if v is not None}
     if args.no_cache:
         out["cache_base"] = False
+    if args.no_heldout:
+        out["heldout"] = False
     return out
 
 

@@ -10,7 +10,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="report one evaluated run (base vs tuned) or compare several (e.g. SIFT vs LoRA vs full)",
         description=(
-            "Build report.md, eval_summary.json, an accuracy bar chart (eval_accuracy.png) and training curves "
+            "Build report.md (the held-out response likelihood first, then the tasks, each change against the "
+            "base with its standard error and whether it is within noise, then generation samples), "
+            "eval_summary.json, samples.json, a chart of the changes (eval_accuracy.png) and training curves "
             "(training_curves.png, from metrics.jsonl) from runs evaluated by `sift-llm eval RUN_DIR`. "
             "One RUN_DIR: base vs tuned, written into RUN_DIR unless --output is given. Several: one table and "
             "one chart with the base model and every run, labelled by the method.name of each run's "

@@ -206,6 +206,11 @@ def evaluate_base(
     from sift_llm.evaluation import cache
 
     model_dir = check_model_dir(model_dir, "base model")
+    if cfg.backend == "cli" and heldout is not None:
+        from sift_llm.evaluation.cli_backend import HELDOUT_SKIPPED
+
+        log(f"eval: held-out tasks skipped: {HELDOUT_SKIPPED}")
+        heldout = None  # nor are they part of the cached result's fingerprint
     if not cfg.cache_base:
         return evaluate_model(model_dir, cfg, output_path=output_path, heldout=heldout)
     check_tasks(cfg)

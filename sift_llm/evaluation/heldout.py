@@ -119,6 +119,8 @@ def load_docs(part: str | None = None, heldout_dataset: str | None = None, heldo
 
     from sift_llm.data.stage import load_prepared
 
+    if part not in ("likelihood", "generation"):
+        raise UserError(f"the {GROUP} task files name part {part!r}; expected likelihood or generation")
     if not heldout_dataset or not heldout_tokenizer:
         raise UserError(f"the {GROUP} tasks need the run's dataset and tokenizer in their metadata "
                         "(heldout_dataset, heldout_tokenizer); `sift-llm eval RUN_DIR` passes them")

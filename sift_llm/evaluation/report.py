@@ -139,8 +139,9 @@ def likelihood_table(columns: list[Column]) -> list[str]:
              f"Mean negative log-likelihood of the reference response tokens (nats per token; lower is better) "
              f"over the run's {n} held-out examples" + (f" ({tokens:,} response tokens)" if tokens else "")
              + ": the prompt is the context and the dataset's own response tokens (with EOS) the continuation, "
-             f"scored by lm-eval (task `{LIKELIHOOD}`). This is the trainer's held-out loss, over the whole "
-             "validation split. ± is one standard error; Δ is tuned − base, paired over the same responses.", "",
+             f"scored by lm-eval (task `{LIKELIHOOD}`). It is the quantity the trainer logs as held-out loss "
+             "(which may cover fewer examples: `train.eval_batches` micro-batches per rank), here over every "
+             "held-out example. ± is one standard error; Δ is tuned − base, paired over the same responses.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for metric, label, digits in (("nll", "**NLL per token**", 4), ("token_perplexity", "perplexity", 3)):
         cells = [label, n] + [_value_cell(score(c.results, LIKELIHOOD, metric), digits) for c in columns]
@@ -307,6 +308,8 @@ def _source_lines(columns: list[Column]) -> list[str]:
             extra.append(f"cached results (fingerprint {info.get('fingerprint', '?')})")
         elif info.get("elapsed_s") is not None:
             extra.append(f"{info['elapsed_s']:.0f} s")
+        if info.get("heldout_skipped"):
+            extra.append("held-out tasks skipped")
         lines.append(f"- **{column.label}**: `{what}` ({', '.join(extra)})" + "".join(f"; {n}" for n in column.notes))
     return lines
 

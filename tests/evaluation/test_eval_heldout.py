@@ -241,3 +241,38 @@ def test_two_rank_run_harness_nll_equals_the_trainers_eval_loss(tmp_path, tiny_m
     assert "| **NLL per token** | 6 |" in text and "beyond noise" in text
     samples = json.loads((run / "samples.json").read_text())["samples"]
     assert len(samples) == 2 and set(samples[0]["responses"]) == {"base", "sift"}
+
+
+def test_cli_options_reach_the_eval_section(tmp_path, tiny_model_dir, capsys):
+    from sift_llm.cli import build_parser, main
+    from sift_llm.commands.eval import overrides_from_args
+
+    args = build_parser().parse_args(["eval", "RUN", "--no-heldout", "--samples", "2", "--max-new-tokens", "16"])
+    assert overrides_from_args(args) == {"heldout": False, "samples": 2, "max_new_tokens": 16}
+    config = write_experiment(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(config, run / "config.yaml")
+    assert main(["eval", str(run), "--samples", "-1"]) == 2
+    assert "eval.samples" in capsys.readouterr().err
+
+
+def test_cli_backend_skips_the_heldout_tasks_and_leaves_them_out_of_the_cache_key(
+        tiny_model_dir, tiny_task_dir, tmp_path, monkeypatch):
+    from sift_llm.evaluation import cache, cli_backend
+
+    dataset = _prepare(tmp_path, tiny_model_dir, INSTRUCTION_ROWS)
+    source = heldout.source_for(dataset, likelihood=True, samples=2, max_new_tokens=8)
+    seen = []
+
+    def fake_cli(model_dir, cfg, adapter_dir=None, *, heldout=None):
+        seen.append(heldout)
+        return {"results": {"tiny_mc": {"acc,none": 0.5}}, "sift_llm": {"heldout_skipped": "cli"}}
+
+    monkeypatch.setattr(cli_backend, "evaluate_with_cli", fake_cli)
+    cfg = _cfg(tiny_task_dir, backend="cli")
+    results = harness.evaluate_base(tiny_model_dir, cfg, heldout=source)
+    assert seen == [None]
+    assert results["sift_llm"]["fingerprint"] == cache.base_fingerprint(tiny_model_dir, cfg)[0]
+    memory = build(EvalConfig, {**cfg.__dict__, "backend": "memory"}, "eval")
+    assert cache.base_fingerprint(tiny_model_dir, memory, source)[0] != cache.base_fingerprint(tiny_model_dir, memory)[0]
