@@ -64,8 +64,12 @@ for method in sift lora full; do
     echo "== $method: $run is trained; reusing it"
   else
     echo "== train $method"
-    bash launch.sh "$config" --num_gpus "${SIFT_LLM_RANKS:-2}" "name=compare-$method" "output_dir=$run" \
-      "${args[@]}" ${overrides[@]+"${overrides[@]}"}
+    # a free master port, and its /dev/shm all-reduce buffers (66 MiB per rank) removed afterwards
+    port=$("$bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_*' EXIT
+    bash launch.sh "$config" --num_gpus "${SIFT_LLM_RANKS:-2}" --master_port "$port" "name=compare-$method" \
+      "output_dir=$run" "${args[@]}" ${overrides[@]+"${overrides[@]}"}
+    rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_*
   fi
   echo "== eval $method"
   "$bin/sift-llm" eval "$run"

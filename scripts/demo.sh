@@ -34,7 +34,10 @@ stage assets
 stage data
 "$bin/sift-llm" data "$config" "$@"
 stage train
-bash launch.sh "$config" --num_gpus "${SIFT_LLM_RANKS:-2}" "$@"
+# DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm buffer per rank and master port: remove this run's
+port=$("$bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_*' EXIT
+bash launch.sh "$config" --num_gpus "${SIFT_LLM_RANKS:-2}" --master_port "$port" "$@"
 run_dir=$("$bin/sift-llm" config "$config" "$@" --get run_dir)
 stage eval
 "$bin/sift-llm" eval "$run_dir"

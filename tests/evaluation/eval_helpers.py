@@ -239,7 +239,12 @@ def run_training(config: Path, ranks: int = 1, timeout: int = 600) -> Path:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = ["bash", str(REPO / "launch.sh"), str(config), "--num_gpus", str(ranks), "--master_port", str(port)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if ranks > 1:  # DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm buffer per rank and port
+            for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+                path.unlink(missing_ok=True)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return Path(yaml.safe_load(config.read_text())["output_dir"])
 
