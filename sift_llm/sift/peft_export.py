@@ -21,6 +21,10 @@ Keys of ``adapter_model.safetensors``: ``base_model.model.<module>.supertuning_i
 In fp32 PEFT's sum equals SIFT's bit for bit; on a bf16/fp16 base PEFT rounds the value to the weight
 dtype before adding (SIFT adds in fp32 and rounds once), a difference of at most one rounding per entry.
 
+The base model is checked before anything is written: the targeted names and shapes (from its config,
+on the meta device) and, when the adapter records them, its weights at the selected positions (so the
+run's own merged model, which already holds the increment, is refused as a base).
+
 No DeepSpeed and no sift_llm import is needed to use the result:
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output)``.
 """
@@ -33,6 +37,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sift_llm import __version__, schema
+from sift_llm import __version__, runtime, schema
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir, atomic_write_json, atomic_write_text
 from sift_llm.sift.adapter import META_FILE, TENSORS_FILE, read_adapter_metadata
@@ -159,6 +164,7 @@ def export_peft(
     tensors = _read_tensors(src.adapter_dir)
     shapes = {name: _module_shape(name, entry, src.adapter_dir) for name, entry in meta["modules"].items()}
     increments = {name: _checked_increment(tensors, name, shapes[name], src.adapter_dir) for name in shapes}
+    _check_base_content(base, meta, increments, src.adapter_dir)
 
     targeted = {name: inc for name, inc in increments.items() if inc[0].numel() > 0}
     if not targeted:
@@ -406,6 +412,65 @@ def _check_base(skeleton, config: SiftConfig, meta: Mapping[str, Any], adapter_d
             f"whose targeted weights differ in names or shapes from {base}'s (adapter only: {missing[:3]}, "
             f"base only: {unknown[:3]}); give the right base model (--base)"
         )
+
+
+def _check_base_content(base: Path, meta: Mapping[str, Any], increments, adapter_dir: Path) -> None:
+    """Refuse a base whose weights at the selected positions are not the ones the adapter recorded (another
+    fine-tune of the same architecture, or the run's own merged model, which would add the increment twice).
+
+    Reads the base's safetensors one targeted weight at a time and keeps only the selected entries.
+    """
+    from sift_llm.sift.adapter import _content_mismatch
+
+    content = meta["base_model"].get("content")
+    if content is None:
+        runtime.log(f"export: {adapter_dir} predates base-content fingerprints; the base's weights are not checked")
+        return
+    selected = _selected_base_values(base, {name: indices for name, (indices, _) in increments.items()})
+    if selected is None:
+        runtime.log(f"export: {base} has no safetensors weights under the module names; its weights are not checked")
+        return
+    # The check reads each target's weight at its indices: hand it the selected values at positions 0..k-1.
+    targets = {name: SimpleNamespace(weight=values) for name, values in selected.items()}
+    positions = {name: torch.arange(values.numel()) for name, values in selected.items()}
+    problem = _content_mismatch(targets, positions, content)
+    if problem:
+        raise UserError(
+            f"the adapter in {adapter_dir} was trained on base {meta['base_model'].get('name') or '(unnamed)'!r}, "
+            f"but {base} holds other weights at the adapter's positions ({problem}): another model of the same "
+            "architecture, or a merged model that already contains the increment; give the base model (--base)"
+        )
+
+
+def _selected_base_values(base: Path, indices: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """{module: base weight values at its indices}, from the base's (possibly sharded) safetensors."""
+    from safetensors import safe_open
+
+    index = base / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        elif (base / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            return None
+        files = {name: base / (weight_map[f"{name}.weight"] if weight_map else "model.safetensors") for name in indices}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    out = {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = set(handle.keys())
+                for name in (n for n, f in files.items() if f == file):
+                    if f"{name}.weight" not in keys:
+                        return None
+                    weight = handle.get_tensor(f"{name}.weight")
+                    out[name] = weight.reshape(-1).index_select(0, indices[name].long())
+                    del weight
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"base model {base}: cannot read {file.name} ({err})") from None
+    return {name: out[name] for name in indices}
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:

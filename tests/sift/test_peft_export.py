@@ -273,6 +273,17 @@ def test_run_directory_export_through_the_cli(sift_adapter, tiny_model_dir, tmp_
     assert run_cli(run, "--output", tmp_path / "peft", "--force") == 0
 
 
+def test_the_runs_merged_model_is_refused_as_the_base(sift_adapter, tmp_path, capsys):
+    model, _, _, adapter = sift_adapter
+    merged = tmp_path / "merged"
+    merge_into_base(copy.deepcopy(model)).save_pretrained(merged)
+    # same names and shapes, but the selected entries already hold the increment: PEFT would add it twice
+    assert run_cli(adapter, "--output", tmp_path / "peft", "--base", merged) == 2
+    err = capsys.readouterr().err
+    assert "holds other weights at the adapter's positions" in err and "merged model" in err
+    assert not (tmp_path / "peft").exists()
+
+
 def test_lora_run_adapter_is_copied_with_its_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
