@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from sift_llm.data.readers import ChatRow, InstructionRow, InvalidRow
+from sift_llm.data.readers import ChatRow, InstructionRow, InvalidRow, check_text
 from sift_llm.data.templates import TEMPLATES
 from sift_llm.errors import UserError
 
@@ -81,6 +81,9 @@ class Tokenize:
 
     def ids_and_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, (start, end) character offsets of each token) per text, no special tokens added."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise UserError("chat records need a fast tokenizer (one with tokenizer.json): the assistant turns are "
+                            "found through token offsets, which slow tokenizers do not give")
         if self.backend is not None:
             return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         out = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -204,6 +207,7 @@ class ChatEncoder:
                 self.check_tools(row, where(row))
             try:
                 text, row_spans = self.spans(row)
+                check_text(text)
             except InvalidRow as err:
                 results[i] = err
                 continue

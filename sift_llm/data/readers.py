@@ -111,6 +111,8 @@ def _read_lines(path: Path, text: str) -> list[Record]:
             data = decode(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: invalid JSON line ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: the JSON is nested too deeply to read") from None
         records.append(Record(row=len(records) + 1, line=number, data=data))
     return records
 
@@ -135,6 +137,8 @@ def _read_array(path: Path, text: str) -> list[Record]:
             data, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line_of(pos)}: the JSON is nested too deeply to read") from None
         records.append(Record(row=len(records) + 1, line=line_of(pos), data=data))
         pos = _skip_space(text, end)
         if pos >= len(text):
@@ -358,7 +362,9 @@ def parse_rows(source: str, records: list[Record], format: str, fields: dict[str
             if kind in ("sharegpt", "messages"):
                 rows.append(to_chat(record, kind, assistant_first))
             else:
-                rows.append(to_instruction(record, fields))
+                row = to_instruction(record, fields)
+                check_text(row.instruction, row.input, row.output)
+                rows.append(row)
         except InvalidRow as err:
             invalid.append((record, str(err)))
         except RecursionError:
@@ -366,6 +372,16 @@ def parse_rows(source: str, records: list[Record], format: str, fields: dict[str
     if invalid and not skip_invalid:
         raise invalid_rows_error(source, invalid, len(records))
     return rows, invalid
+
+
+def check_text(*texts: str) -> None:
+    """InvalidRow for text a tokenizer cannot take: JSON's \\ud800-style escapes can decode to lone surrogates."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidRow(f"the text holds a lone UTF-16 surrogate ({text[err.start]!r}), which is not valid "
+                             "Unicode (a truncated emoji escape, most likely)") from None
 
 
 def invalid_rows_error(source: str, invalid: list[tuple[Record, str]], total: int) -> UserError:

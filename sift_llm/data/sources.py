@@ -33,7 +33,7 @@ class Source:
     where: str  # what errors name: the file's path, or hf:NAME
     digest: str
     raw: bytes | None = None  # the JSON file's bytes (read once, for the digest and the records)
-    dataset: Any = None  # a datasets.Dataset for tables, directories and hf:
+    dataset: Any = None  # a datasets.Dataset for tables (loaded when the records are read), directories and hf:
     _records: list[Record] | None = field(default=None, repr=False)
 
     def records(self) -> list[Record]:
@@ -41,6 +41,9 @@ class Source:
             if self.kind == "json":
                 self._records = read_records(Path(self.where), self.raw)
             else:
+                if self.dataset is None:
+                    path = Path(self.where)
+                    self.dataset = _load_table(path, self.kind, path.suffix.lower())
                 self._records = [Record(row=i, line=None, data=data)
                                  for i, data in enumerate(self.dataset.to_list(), start=1)]
                 if not self._records:
@@ -65,8 +68,8 @@ def open_source(spec: SourceConfig) -> Source:
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         kind = TABLE_SUFFIXES[suffix]
-        digest = _file_digest(path)
-        return Source(spec, kind, str(path), digest, dataset=_load_table(path, kind, suffix))
+        digest = assets._sha256(path)  # the asset fetcher's streaming file hash
+        return Source(spec, kind, str(path), digest)  # a cached result then never pays for loading the table
     raw = path.read_bytes()
     return Source(spec, "json", str(path), hashlib.sha256(raw).hexdigest(), raw=raw)
 
@@ -126,14 +129,6 @@ def _load_table(path: Path, kind: str, suffix: str):
     if kind == "csv":
         loaded = loaded.cast(datasets.Features({c: datasets.Value("string") for c in loaded.column_names}))
     return loaded
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dataset_digest(dataset) -> str:

@@ -171,3 +171,20 @@ def test_real_corpus_cases_end_to_end(tmp_path, tiny_model_dir):
     assert [d["row"] for d in prepared.stats["dropped_rows"]] == [3, 4, 6]
     assert prepared.stats["sources"][0]["leading_turns_dropped"] == 1
     assert len(load_prepared(prepared.path)["train"]) == 3
+
+
+def test_lone_surrogates_and_deep_nesting_are_reported_not_raised(tmp_path, tiny_model_dir):
+    path = tmp_path / "odd.jsonl"
+    lines = ['{"instruction": "truncated emoji \\ud83d", "output": "ok"}',
+             '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad \\udc00"}]}',
+             '{"instruction": "fine", "output": "ok"}']
+    path.write_text("\n".join(lines) + "\n")
+    prepared = prepare(DataConfig(path=str(path), validation_size=0, skip_invalid=True,
+                                  output_dir=str(tmp_path / "out")), tiny_model_dir)
+    assert prepared.stats["examples"] == 1
+    assert [d["row"] for d in prepared.stats["dropped_rows"]] == [1, 2]
+    assert all("lone UTF-16 surrogate" in d["reason"] for d in prepared.stats["dropped_rows"])
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match=r"deep.jsonl:2: the JSON is nested too deeply"):
+        read_records(deep)
