@@ -154,3 +154,17 @@ def test_report_without_a_base_draws_scores_not_deltas(tmp_path):
     text = path.read_text()
     assert "Δ" not in text and "## Held-out response likelihood" not in text
     assert _png_size(tmp_path / "eval_accuracy.png")[0] > 600
+
+
+def test_identical_answers_state_the_resolution_of_the_scores(tmp_path):
+    """Paired records with no question changed have a paired error of 0: the sample-size line then falls back
+    to the two scores' standard errors instead of claiming any change would show."""
+    run = write_evaluated_run(tmp_path / "run", "sift", shift=0.0)
+    answers = {"mmlu_offline_anatomy": [1, 0, 0, 1], "mmlu_offline_virology": [0, 0], "mmlu_offline_philosophy": [1]}
+    for name in ("base", "tuned"):
+        path = run / "eval" / name / "results.json"
+        path.write_text(json.dumps(with_per_doc_acc(json.loads(path.read_text()), answers)))
+    text = report.write_run_report(run).read_text()
+    assert "| **mmlu_offline (overall)** | 300 | 30.00 ± 2.00 | 30.00 ± 2.00 | +0.00 | no change |" in text
+    assert "larger than about ±5.7 pp" in text
+    assert "Standard error of Δ: paired over the same questions" in text
