@@ -204,6 +204,69 @@ def test_increment_kernel_matches_float64(ops, dtype, out_features, in_features,
     torch.testing.assert_close(accumulated.double(), base.double() + expected, rtol=2 * eps, atol=4 * eps * scale)
 
 
+def _compile_ahead(ops, kernel: str, arch: int, dtype: str, group_rows: int = 16, tile_cols: int = 128,
+                   block_t: int = 64, num_warps: int = 4):
+    """Compile a kernel for an NVIDIA architecture without a GPU, specialised as the JIT does for a launch on
+    contiguous, 16-byte aligned tensors (unit strides become constants, pointers and sizes divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    fn = ops._values_grad_kernel if kernel == "values_grad" else ops._increment_kernel
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    const = {"BR": group_rows, "BU": tile_cols, "BT": block_t, "PACKED": True, "SHIFT": 16, "UPCAST": False,
+             "PRECISION": precision}
+    if kernel == "values_grad":
+        types = {"grad_ptr": f"*{dtype}", "xt_ptr": f"*{dtype}", "out_ptr": "*fp32"}
+        const.update(stride_gr=1, stride_xt=1)
+    else:
+        types = {"xt_ptr": f"*{dtype}", "values_ptr": "*fp32", "y_ptr": f"*{dtype}"}
+        const.update(stride_xt=1, stride_yr=1, ACCUMULATE=True)
+    signature = {}
+    for name in fn.arg_names:
+        if name in const:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = types.get(name, "*i32" if name.endswith("_ptr") else "i32")
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in signature
+               if signature[name] != "constexpr"}
+    source = ASTSource(fn, signature, const, aligned)
+    return compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 3})
+
+
+def _aot_api() -> bool:
+    import inspect
+
+    try:
+        from triton.compiler import ASTSource
+    except ImportError:
+        return False
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
+
+
+@needs_triton
+@pytest.mark.skipif(kernels.triton_interpret(), reason="the interpreter builds no compilable kernels")
+@pytest.mark.parametrize("kernel", ["values_grad", "increment"])
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (90, "fp32"), (80, "bf16"), (80, "fp16")])
+def test_kernels_compile_for_hopper_and_ampere_without_a_gpu(kernel, arch, dtype):
+    # Triton compiles to a cubin on any machine (ptxas ships in its wheel): a GPU is needed to run, not to build.
+    if not _aot_api():
+        pytest.skip("this triton has an older ahead-of-time compile API")
+    ops = kernels.load_triton_ops()
+    compiled = _compile_ahead(ops, kernel, arch, dtype)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    assert cubin and f".target sm_{arch}" in ptx
+    if dtype != "fp32":  # bf16/fp16 products on the tensor cores: wgmma on Hopper, mma on Ampere
+        assert ("wgmma" in ptx) if arch == 90 else ("mma.sync" in ptx)
+    assert "cp.async" in ptx  # the token loop is software-pipelined
+    cuobjdump = Path(ops.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.is_file():  # registers suffice: no spill to local memory
+        binary = Path(os.environ.get("TMPDIR", "/tmp")) / f"sift-{kernel}-{arch}-{dtype}-{os.getpid()}.cubin"
+        binary.write_bytes(cubin)
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(binary)], capture_output=True, text=True).stdout
+        binary.unlink()
+        assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
+
+
 def triton_layer(in_features, out_features, k, dtype, merge, values_grad, seed=0):
     torch.manual_seed(seed)
     layer = SiftLinear.convert(nn.Linear(in_features, out_features, dtype=dtype, device=DEVICE), "probe", k,
