@@ -63,7 +63,7 @@ def _run_peft(args: argparse.Namespace) -> int:
             print(f"export: dense modules as modules_to_save: {', '.join(report['modules_to_save'])}{tied}")
     print(f"adapter: {out}")
     print(f"base:    {report['base_model']}")
-    print(f"lm_eval: --model hf --model_args pretrained={report['base_model']},peft={out}")
+    print(f"lm_eval: --model hf --model_args pretrained={report['base_model']},peft={out.resolve()}")
     return 0
 
 

@@ -62,6 +62,10 @@ DEFAULT_MAX_PADDING = 0.10
 INT32_LIMIT = 2**31
 
 
+class PeftPaddingError(UserError):
+    """The export would need more zero padding than allowed (typically a global-scope selection)."""
+
+
 def peft_count(numel: int, sparsity: float) -> int:
     """Entries PEFT's supertuning layer allocates for a matrix of ``numel`` entries (its own formula)."""
     return int(numel * (1 - sparsity))
@@ -142,7 +146,7 @@ def export_peft(
     ``base_model`` overrides the base model directory; it is recorded as ``base_model_name_or_path``.
     A LoRA run's adapter is already a PEFT adapter: it is copied, with ``base_model_name_or_path`` set.
     The zero padding PEFT's single sparsity needs is refused above ``max_padding`` (a share of the
-    exported entries). The output appears complete or not at all; an existing one is replaced only with
+    exported entries) with :class:`PeftPaddingError`, a UserError. The output appears complete or not at all; an existing one is replaced only with
     ``replace``. Besides the two PEFT files it holds ``sift_export.json`` (counts, padding, provenance).
     """
     if not 0.0 <= max_padding <= 1.0:
@@ -180,7 +184,7 @@ def export_peft(
         densities = [inc[0].numel() / numel[name] for name, inc in targeted.items()]
         left_out = len(increments) - len(targeted)
         empty = f"; {left_out} matrices without any entry are left out" if left_out else ""
-        raise UserError(
+        raise PeftPaddingError(
             f"{src.adapter_dir}: PEFT's supertuning format sizes every matrix from one sparsity, and this "
             f"selection's densities range from {min(densities):.4%} to {max(densities):.4%} per matrix "
             f"(scope {config.scope!r}{empty}): the export would hold {exported:,} entries of which {padded:,} "

@@ -25,6 +25,7 @@ from sift_llm.sift.peft_export import (
     EXPORT_META,
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
+    PeftPaddingError,
     choose_sparsity,
     export_peft,
     pad_selection,
@@ -232,6 +233,8 @@ def test_global_scope_padding_is_refused_unless_the_limit_is_raised(tiny_model_d
     err = capsys.readouterr().err
     assert "zero padding" in err and "scope 'global'" in err and "--max-padding" in err and "Traceback" not in err
     assert not (tmp_path / "peft").exists() and not list(tmp_path.glob(".peft*"))
+    with pytest.raises(PeftPaddingError):  # the eval backend can tell this refusal from other errors
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
 
     assert run_cli(tmp_path / "adapter", "--output", tmp_path / "peft", "--max-padding", "1") == 0
     report = read_export_report(tmp_path / "peft")
@@ -257,7 +260,7 @@ def test_run_directory_export_through_the_cli(sift_adapter, tiny_model_dir, tmp_
     report = read_export_report(tmp_path / "peft")
     assert f"{report['selected']:,} selected entries in {len(handle.layers)} matrices" in out
     assert f"{report['padded']:,} of them zero padding" in out
-    assert f"pretrained={Path(tiny_model_dir).resolve()},peft={tmp_path / 'peft'}" in out
+    assert f"pretrained={Path(tiny_model_dir).resolve()},peft={(tmp_path / 'peft').resolve()}" in out
     assert report["source"]["run_dir"] == str(run.resolve())
 
     # no train_summary.json: the base comes from config.yaml's model.path
