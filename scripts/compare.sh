@@ -78,5 +78,5 @@ done
 
 "$bin/sift-llm" report "${runs[@]}" --output "$report"
 echo "== done in $(( $(date +%s) - started )) s"
-awk '/^\| /{shown=1; print; next} shown{exit}' "$report/report.md"
+awk '/^\|/{shown=1; print; next} shown{exit}' "$report/report.md"
 echo "report: $report/report.md"

@@ -11,13 +11,14 @@ from typing import Any
 from sift_llm.evaluation.results import Delta, Row, score, series
 from sift_llm.plotting import pyplot, save_figure
 
-NOISE_NOTE = "whiskers: ±2 standard errors of the change; faded, hatched bars are within noise"
+NOISE_NOTE = ("whiskers: ±2 standard errors of the change (of the scores, where no answer changed); "
+              "faded, hatched bars are within noise")
 
 
 def _bar(ax, x: float, width: float, d: Delta, scale: float, color: str, fmt: str) -> None:
     """One delta bar with a ±2 se whisker and its value; faded and hatched when within noise."""
     value = scale * d.value
-    error = 2 * scale * d.stderr if d.stderr is not None else 0.0
+    error = 2 * scale * d.resolution if d.resolution is not None else 0.0
     quiet = d.within_noise is not False
     ax.bar(x, value, width, yerr=error, capsize=3, color=color, alpha=0.45 if quiet else 1.0,
            hatch="//" if quiet else None, edgecolor=color, linewidth=0.8)

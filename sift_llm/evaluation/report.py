@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
-from sift_llm.evaluation import charts
+from sift_llm.evaluation import charts, mmlu
 from sift_llm.evaluation.heldout import GENERATION, LIKELIHOOD, TASKS
 from sift_llm.evaluation.results import (
     Delta,
@@ -171,10 +171,11 @@ def _table(columns: list[Column], rows: list[Row], label_header: str) -> list[st
     return lines
 
 
-def _limit_text(columns: list[Column]) -> str:
+def _limit_text(columns: list[Column], top: Row) -> str:
     limits = {(c.info.get("eval_config") or {}).get("limit") for c in columns}
     limit = limits.pop() if len(limits) == 1 else None
-    return f" ({limit} per task)" if limit is not None else ""
+    unit = "MMLU subject" if top.name == mmlu.GROUP else "task"
+    return f" ({limit} per {unit})" if limit is not None else ""
 
 
 def sample_size_line(columns: list[Column], summary: list[Row]) -> list[str]:
@@ -183,23 +184,13 @@ def sample_size_line(columns: list[Column], summary: list[Row]) -> list[str]:
     top = next((r for r in summary if r.level == 0), None)
     if not compared or top is None:
         return []
-    thresholds = []
-    for c in compared:
-        d = _delta(c, top.name)
-        if d is None:
-            continue
-        if not d.stderr:  # identical answers: the paired error is 0, so say how precise each score is
-            t, b = score(c.results, top.name), score(c.reference.results, top.name)
-            stderrs = [s.stderr for s in (t, b) if s is not None and s.stderr is not None]
-            d = Delta(d.value, (sum(x * x for x in stderrs)) ** 0.5 if stderrs else None, paired=False)
-        if d.stderr:
-            thresholds.append(2 * 100 * d.stderr)
+    thresholds = [2 * 100 * d.resolution for c in compared if (d := _delta(c, top.name)) and d.resolution]
     if not thresholds:
         return []
     cats = [r for r in summary if r.level == 1]
     cat_part = ""
     if cats:
-        cat_se = [2 * 100 * d.stderr for c in compared for r in cats if (d := _delta(c, r.name)) and d.stderr]
+        cat_se = [2 * 100 * d.resolution for c in compared for r in cats if (d := _delta(c, r.name)) and d.resolution]
         counts = [s.n for r in cats if (s := score(compared[0].results, r.name)) and s.n]
         if cat_se and counts:
             cat_part = (f", nor a change within one category (about ±{min(cat_se):.1f} to ±{max(cat_se):.1f} pp "
@@ -207,7 +198,7 @@ def sample_size_line(columns: list[Column], summary: list[Row]) -> list[str]:
     low, high = min(thresholds), max(thresholds)
     span = f"±{low:.1f} pp" if f"{low:.1f}" == f"{high:.1f}" else f"±{low:.1f} to ±{high:.1f} pp"
     n = _n(columns, top.name)
-    return [f"- **Sample size:** {n} questions{_limit_text(columns)} can show an overall accuracy change larger "
+    return [f"- **Sample size:** {n} questions{_limit_text(columns, top)} can show an overall accuracy change larger "
             f"than about {span} (2 standard errors of Δ); they cannot show a smaller one{cat_part}.", ""]
 
 
@@ -254,10 +245,11 @@ def samples_section(columns: list[Column], records: list[dict[str, Any]]) -> lis
            f"Greedy responses to the first {len(records)} held-out instructions ({bound}, stopping at EOS), "
            f"side by side; also in `{SAMPLES_JSON}`.", ""]
     for i, record in enumerate(records, 1):
-        first = record["instruction"].splitlines()[0] if record["instruction"] else ""
+        first, _, rest = record["instruction"].partition("\n")
         out += [f"**{i}. {html.escape(first[:120])}{'…' if len(first) > 120 else ''}**", ""]
-        if record["instruction"] != first:
-            out += ["> " + html.escape(record["instruction"]).replace("\n", "\n> "), ""]
+        if len(first) > 120 or rest.strip():
+            shown = record["instruction"] if len(first) > 120 else rest.strip()
+            out += ["> " + html.escape(shown).replace("\n", "\n> "), ""]
         out += ["| " + " | ".join(labels) + " |", "|" + "|".join(["---"] * len(labels)) + "|",
                 "| " + " | ".join(_html_cell(record["responses"].get(label, "")) for label in labels) + " |", "",
                 f"<details><summary>reference response</summary>\n\n{_html_cell(record['reference'])}\n\n</details>",

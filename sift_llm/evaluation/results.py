@@ -207,6 +207,14 @@ class Delta:
     stderr: float | None
     paired: bool  # from per-document differences on the same documents (else from the two stderrs)
     n: int | None = None  # documents in a paired difference
+    # the two scores' stderrs combined as if independent: what the sample can resolve when a paired
+    # difference is degenerate (no document changed, so its stderr is 0)
+    unpaired_stderr: float | None = None
+
+    @property
+    def resolution(self) -> float | None:
+        """The standard error to show as the noise scale: the paired one, unless it is 0."""
+        return self.stderr if self.stderr else self.unpaired_stderr
 
     @property
     def within_noise(self) -> bool | None:
@@ -267,17 +275,17 @@ def delta(tuned: dict[str, Any], base: dict[str, Any], name: str, metric: str | 
     if t is None or b is None or t.value is None or b.value is None:
         return None
     value = t.value - b.value
+    unpaired = math.hypot(t.stderr, b.stderr) if t.stderr is not None and b.stderr is not None else None
     pt, pb = _paired_values(tuned, name), _paired_values(base, name)
     if pt and pb and pt[0] == pb[0] == t.metric and set(pt[1]) == set(pb[1]):
         keys = sorted(pt[1])
         if t.metric == "nll":
             diffs = [float(pb[1][k][0]) - float(pt[1][k][0]) for k in keys]  # per-doc NLL sum, tuned - base
             counts = [float(pt[1][k][1]) for k in keys]
-            return Delta(value, ratio_stderr(diffs, counts), paired=True, n=len(keys))
+            return Delta(value, ratio_stderr(diffs, counts), paired=True, n=len(keys), unpaired_stderr=unpaired)
         diffs = [float(pt[1][k]) - float(pb[1][k]) for k in keys]
-        return Delta(value, mean_stderr(diffs), paired=True, n=len(keys))
-    stderr = math.hypot(t.stderr, b.stderr) if t.stderr is not None and b.stderr is not None else None
-    return Delta(value, stderr, paired=False)
+        return Delta(value, mean_stderr(diffs), paired=True, n=len(keys), unpaired_stderr=unpaired)
+    return Delta(value, unpaired, paired=False, unpaired_stderr=unpaired)
 
 
 # ---------------------------------------------------------------------------------- generations

@@ -168,3 +168,14 @@ def test_identical_answers_state_the_resolution_of_the_scores(tmp_path):
     assert "| **mmlu_offline (overall)** | 300 | 30.00 ± 2.00 | 30.00 ± 2.00 | +0.00 | no change |" in text
     assert "larger than about ±5.7 pp" in text
     assert "Standard error of Δ: paired over the same questions" in text
+
+
+def test_the_runs_config_is_read_by_the_experiment_config_loader(tmp_path, capsys):
+    from sift_llm.cli import main
+
+    run = write_evaluated_run(tmp_path / "run", "lora", shift=0.0)
+    assert main(["report", str(run)]) == 0
+    assert "# lora vs base: run" in (run / "report.md").read_text()
+    (run / "config.yaml").write_text("method: {name: lora, lora: {rank: 4}}\n")
+    assert main(["report", str(run)]) == 2
+    assert "config.yaml: unknown key 'method.lora.rank'" in capsys.readouterr().err
