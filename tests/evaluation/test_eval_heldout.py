@@ -276,3 +276,16 @@ def test_cli_backend_skips_the_heldout_tasks_and_leaves_them_out_of_the_cache_ke
     assert results["sift_llm"]["fingerprint"] == cache.base_fingerprint(tiny_model_dir, cfg)[0]
     memory = build(EvalConfig, {**cfg.__dict__, "backend": "memory"}, "eval")
     assert cache.base_fingerprint(tiny_model_dir, memory, source)[0] != cache.base_fingerprint(tiny_model_dir, memory)[0]
+
+
+def test_the_loader_stands_alone_and_the_old_import_still_works():
+    import subprocess
+    import sys
+
+    from sift_llm import loading
+
+    assert harness.load_model is loading.load_model  # sift_llm.train.methods imports it from the harness today
+    out = subprocess.run([sys.executable, "-c", "import sys, sift_llm.loading; "
+                          "print(sorted(m for m in sys.modules if m.startswith('sift_llm.evaluation')))"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]"  # loading a model does not import the evaluation package
