@@ -100,6 +100,10 @@ def heldout_source(spec: RunEvalSpec) -> HeldOutSource | None:
         if rebuilt.resolve() != dataset_dir.resolve():
             raise UserError(f"{summary}: the run trained on {dataset_dir}, which is gone, and the run's data: "
                             f"section now builds a different dataset ({rebuilt})")
+    if not (dataset_dir / "dataset" / "validation").is_dir():
+        log(f"eval: the run's dataset {dataset_dir} has no validation split (data.validation_size 0), so the "
+            "held-out likelihood and samples are skipped")
+        return None
     return source_for(dataset_dir, likelihood=cfg.heldout, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens)
 
 

@@ -202,6 +202,18 @@ def test_run_without_a_train_summary_skips_the_heldout_tasks(tmp_path, tiny_mode
     assert pipeline.heldout_source(spec) is None  # nothing asked for: the summary is not even read
 
 
+def test_a_run_without_a_validation_split_skips_the_heldout_tasks(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "none").mkdir()
+    dataset = _prepare(tmp_path / "none", tiny_model_dir, INSTRUCTION_ROWS, validation_size=0)
+    config = write_experiment(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(config, run / "config.yaml")
+    (run / "train_summary.json").write_text(json.dumps({"dataset": str(dataset)}))
+    assert pipeline.heldout_source(pipeline.read_run_eval_config(run)) is None
+    assert "has no validation split" in capsys.readouterr().out
+
+
 def test_a_removed_dataset_is_rebuilt_from_the_runs_data_section(tmp_path, tiny_model_dir):
     from sift_llm.config import load_config
     from sift_llm.data.stage import prepare
