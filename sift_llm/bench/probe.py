@@ -58,7 +58,7 @@ def probe_variant(model_dir: str, ds_path: str, variant: dict) -> dict:
     from sift_llm.schema import build
     from sift_llm.train.ds_config import build_ds_config
     from sift_llm.train.methods import build_method
-    from sift_llm.train.trainer import _optimizer
+    from sift_llm.train.trainer import build_optimizer
 
     cfg = build(ExperimentConfig, {"model": {"path": model_dir}, "method": method_section(variant),
                                    "train": {"micro_batch_size": 1, "learning_rate": 1e-5},
@@ -70,11 +70,11 @@ def probe_variant(model_dir: str, ds_path: str, variant: dict) -> dict:
     batch = {"input_ids": ids, "labels": ids}
     method = build_method(cfg)
     model = method.prepare(model)
-    if method.calibration_batches:
-        method.select(model, [batch])
+    if method.selects:
+        method.select(model, [([batch], int(ids[:, 1:].numel()))], micro_batches=1)
     bf16 = device.type != "cpu"
     ds = build_ds_config(cfg, bf16=bf16, world_size=1)
-    optimizer = _optimizer(cfg, method.parameter_groups(model, 0.0), device, ds)
+    optimizer = build_optimizer(cfg, method.parameter_groups(model, 0.0), device, ds)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     for _ in range(2):
         loss = engine(**batch).loss
@@ -90,12 +90,13 @@ def probe_variant(model_dir: str, ds_path: str, variant: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from sift_llm.train.trainer import init_distributed
+    from sift_llm.train.trainer import end_process, init_distributed
 
     request, out = json.loads(argv[0]), Path(argv[1])
     init_distributed()
     rows = [probe_variant(request["model_dir"], request["deepspeed_config"], v) for v in request["variants"]]
     out.write_text(json.dumps({"deepspeed_config": request["deepspeed_config"], "rows": rows}, indent=2))
+    end_process(0)
     return 0
 
 

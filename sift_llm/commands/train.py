@@ -31,16 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
     from sift_llm.config import load_config
-    from sift_llm.train.trainer import train
+    from sift_llm.errors import UserError
+    from sift_llm.train.callbacks import default_callbacks
+    from sift_llm.train.trainer import end_process, train
 
-    cfg = load_config(args.config, args.overrides)
+    code = 0
     try:
-        train(cfg, resume=args.resume)
-    finally:
-        # Left to interpreter exit, gloo's threads can abort the process after a successful run.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume, callbacks=default_callbacks())
+    except UserError as err:
+        if not torch.distributed.is_initialized():
+            raise  # nothing started yet: the CLI reports it as for any other command
+        print(f"sift-llm train: error: {err}", file=sys.stderr)
+        code = 2
+    if torch.distributed.is_initialized():
+        # Not a normal return: a live gloo process group aborts the interpreter's teardown (see end_process).
+        end_process(code)
+    return code

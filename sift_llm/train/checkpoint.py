@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_write_json, atomic_write_text
 from sift_llm.runtime import is_rank0, rank
-from sift_llm.train import faults
 from sift_llm.train.batches import DataPosition
 
 DEEPSPEED_TAG = "deepspeed"
@@ -42,7 +41,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save(engine, method, run_dir: Path, step: int, position: DataPosition, keep_last: int) -> Path:
+def save(engine, method, run_dir: Path, step: int, position: DataPosition, keep_last: int, written=None) -> Path:
+    """Write checkpoint ``step`` (every rank calls this); ``written()`` runs once all parts are on disk,
+    before the checkpoint is committed (the fault-injection tests die there)."""
     root = checkpoint_root(run_dir)
     name = f"step-{step:07d}"
     final, staging = root / name, root / f".staging-{name}"
@@ -60,8 +61,9 @@ def save(engine, method, run_dir: Path, step: int, position: DataPosition, keep_
     save_file(_rng_state(), str(staging / f"rng-rank{rank()}.safetensors"))
     if is_rank0():
         method.save_state(engine.module, staging)
-    faults.maybe_die("during_save", step)
     _barrier()
+    if written is not None:
+        written()
     if is_rank0():
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         meta = {"step": step, "position": dataclasses.asdict(position), "world_size": world, "method": method.name}
@@ -99,18 +101,30 @@ def find(run_dir: Path, explicit: str | None) -> Path | None:
     return path
 
 
-def load(engine, method, path: Path) -> tuple[int, DataPosition]:
-    """Restore model, optimizer, scheduler, data position and RNG from ``path``; returns (step, position)."""
-    meta = json.loads((path / META_NAME).read_text())
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if meta["method"] != method.name:
-        raise UserError(f"{path} was written by method {meta['method']!r}, this run uses {method.name!r}")
+def read_meta(path: Path) -> dict:
+    return json.loads((path / META_NAME).read_text())
+
+
+def check_compatible(path: Path, method_name: str, world: int) -> dict:
+    """The checkpoint's metadata, after checking that this run can continue from it (before anything loads)."""
+    meta = read_meta(path)
+    if meta["method"] != method_name:
+        raise UserError(f"{path} was written by method {meta['method']!r}, this run uses {method_name!r}")
     if meta["world_size"] != world:
         raise UserError(
-            f"{path} was written by {meta['world_size']} ranks and this run has {world}; "
-            "resume with the same number of processes"
+            f"{path} was written by {meta['world_size']} ranks and this run has {world}: DeepSpeed partitions "
+            f"the optimizer state by rank, so resume with {meta['world_size']} processes "
+            f"(e.g. --num_gpus {meta['world_size']}), or start a new run"
         )
-    method.load_state(engine.module, path)
+    return meta
+
+
+def load(engine, method, path: Path) -> tuple[int, DataPosition]:
+    """Restore model, optimizer, scheduler, data position and RNG from ``path``; returns (step, position).
+
+    The method's own state (SIFT's indices) is restored before the engine is built, by the trainer.
+    """
+    meta = read_meta(path)
     loaded, _ = engine.load_checkpoint(
         str(path),
         tag=DEEPSPEED_TAG,

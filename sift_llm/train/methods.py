@@ -2,11 +2,14 @@
 
 Each method prepares the model (which parameters train), optionally selects (SIFT), groups parameters
 for AdamW, keeps its own extra checkpoint state, and exports its result: an adapter or a model directory.
+:class:`Method` holds the behaviour they share (no selection, no extra state); a method overrides the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +24,9 @@ MERGED_DIR = "merged"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
 
+# Under ZeRO-3: given parameters, a context in which they are gathered whole on every rank (a collective).
+Gather = Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager] | None
+
 
 def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float, decay_1d: set[str]) -> list[dict]:
     """AdamW groups: matrices (and the named 1-D tensors) decay; biases and norm scales do not."""
@@ -30,11 +36,22 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
             if g["params"]]
 
 
-def _full_fp32(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Each parameter's fp32 master (every rank must call this under ZeRO-3; the result is on CPU)."""
+def full_fp32(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each trained tensor's fp32 value on CPU: DeepSpeed's fp32 master where it keeps one (ZeRO 1-3, bf16),
+    the parameter itself where it does not (ZeRO-0 in fp32, or an empty values buffer). Every rank calls it."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return [safe_get_full_fp32_param(p).detach().float().cpu() for p in params]
+    out = []
+    for param in params:
+        master = safe_get_full_fp32_param(param) if isinstance(param, torch.nn.Parameter) else None
+        out.append((param if master is None else master).detach().float().cpu())
+    return out
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every element of this rank's share of ``tensors`` is finite (ZeRO-3: its partitions)."""
+    local = [getattr(t, "ds_tensor", t) for t in tensors]
+    return all(bool(torch.isfinite(t).all()) for t in local if t.numel())
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> None:
@@ -45,7 +62,7 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
 
 def _write_merged(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     """Base + adapter merged into a standard HF directory that plain transformers loads (rank 0, CPU, fp32)."""
-    from sift_llm.evaluation.harness import load_model
+    from sift_llm.loading import load_model
 
     model, tokenizer, _ = load_model(model_dir, adapter_dir, device="cpu", dtype="float32")
     with atomic_dir(out, replace=True) as tmp:
@@ -54,14 +71,55 @@ def _write_merged(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     return out
 
 
-class SiftMethod:
+class Method:
+    """The shared behaviour: nothing to select, no state beyond DeepSpeed's, every trainable parameter
+    trained. Subclasses set ``name`` and implement ``prepare``, ``describe`` and ``export``."""
+
+    name = ""
+    selects = False  # whether the method chooses its trainable entries from gradients (SIFT)
+    selects_before_engine = False  # ... on the plain model, before DeepSpeed exists (sizes not yet fixed)
+    calibration_batches = 0
+    report: dict | None = None
+
+    def prepare(self, model):
+        raise NotImplementedError
+
+    def select(self, module, batches: list[tuple[list[dict], int]], micro_batches: int) -> None:
+        raise NotImplementedError(f"{self.name} does not select")
+
+    def trainable(self, model) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def parameter_groups(self, model, weight_decay: float) -> list[dict]:
+        return _decay_groups(self.trainable(model), weight_decay, decay_1d=set())
+
+    def values_finite(self, engine) -> bool:
+        """Whether this rank's trainable tensors are finite (checked before every checkpoint)."""
+        return _all_finite(p for _, p in self.trainable(engine.module))
+
+    def describe(self, model) -> str:
+        raise NotImplementedError
+
+    def save_state(self, model, directory: Path) -> None:
+        """Method state DeepSpeed's checkpoint does not hold (rank 0 writes it into ``directory``)."""
+
+    def load_state(self, model, directory: Path) -> None:
+        """Restore :meth:`save_state`'s state, before the DeepSpeed engine is built."""
+
+    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool, gather: Gather = None) -> Path:
+        raise NotImplementedError
+
+
+class SiftMethod(Method):
     name = "sift"
+    selects = True
 
     def __init__(self, cfg: ExperimentConfig):
         self.config = cfg.method.sift
         self.calibration_batches = self.config.calibration_batches
+        self.selects_before_engine = self.config.scope == "global"
         self.handle = None
-        self.report: dict | None = None
+        self.report = None
 
     def prepare(self, model):
         from sift_llm.sift import attach_sift
@@ -69,15 +127,20 @@ class SiftMethod:
         self.handle = attach_sift(model, self.config)
         return model
 
-    def select(self, model, batches: list[dict]) -> None:
-        selector = self.handle.selector()
+    def select(self, module, batches: list[tuple[list[dict], int]], micro_batches: int) -> None:
+        """Score every (micro-batches, learned tokens) batch with the token-weighted loss, then fix the selection."""
+        selector = self.handle.selector(micro_batches=micro_batches)
         with selector.calibrating():
-            for batch in batches:
-                model(**batch).loss.backward()
+            for micro, tokens in batches:
+                for batch in micro:
+                    module(**batch, num_items_in_batch=max(tokens, 1)).loss.backward()
         self.report = selector.finalize().to_dict()
 
+    def trainable(self, model) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.handle.named_trainable_parameters()
+
     def parameter_groups(self, model, weight_decay: float) -> list[dict]:
-        named = self.handle.named_trainable_parameters()
+        named = self.trainable(model)
         values = {name for name, _ in named if name.endswith(".values")}
         return _decay_groups(named, weight_decay, decay_1d=values)
 
@@ -95,47 +158,38 @@ class SiftMethod:
         for name, layer in self.handle.layers.items():
             layer.set_selection(indices[name])
 
-    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool) -> Path:
+    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool, gather: Gather = None) -> Path:
         from sift_llm.sift import save_adapter
 
-        names = list(self.handle.layers)
-        values = _full_fp32([self.handle.layers[n].values for n in names])
-        dense_names = list(self.handle.dense_parameters())
-        dense = _full_fp32(list(self.handle.dense_parameters().values()))
+        layers = self.handle.layers
+        names = list(layers)
+        values = full_fp32([layers[n].values for n in names])
+        dense = self.handle.dense_parameters()
+        dense_values = full_fp32(list(dense.values()))
+        content = self.handle.base_content(gather=gather)  # every rank: ZeRO-3 gathers one matrix at a time
         out = run_dir / ADAPTER_DIR
         if is_rank0():
-            increments = {n: (self.handle.layers[n].indices.cpu(), v) for n, v in zip(names, values)}
+            increments = {n: (layers[n].indices.cpu(), v) for n, v in zip(names, values)}
             extra = {"selection": self.report} if self.report else {}
-            save_adapter(self.handle, out, increments=increments, dense_state=dict(zip(dense_names, dense)),
-                         extra=extra, replace=True)
+            save_adapter(self.handle, out, increments=increments, dense_state=dict(zip(dense, dense_values)),
+                         extra=extra, replace=True, content=content)
             if save_merged:
                 _write_merged(model_dir, out, run_dir / MERGED_DIR)
         return out
 
 
-class FullMethod:
+class FullMethod(Method):
     name = "full"
-    calibration_batches = 0
-    report = None
 
     def prepare(self, model):
         model.requires_grad_(True)
         return model
 
-
-    def parameter_groups(self, model, weight_decay: float) -> list[dict]:
-        return _decay_groups(list(model.named_parameters()), weight_decay, decay_1d=set())
-
     def describe(self, model) -> str:
-        return f"{sum(p.numel() for p in model.parameters()):,} parameters trainable (all)"
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        return f"{total:,} parameters trainable (all)"
 
-    def save_state(self, model, directory: Path) -> None:
-        return None
-
-    def load_state(self, model, directory: Path) -> None:
-        return None
-
-    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool) -> Path:
+    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool, gather: Gather = None) -> Path:
         """The trained model as an HF directory (ZeRO-3 shards are gathered to rank 0 first)."""
         if engine.zero_optimization_stage() == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
@@ -149,10 +203,8 @@ class FullMethod:
         return out
 
 
-class LoraMethod:
+class LoraMethod(Method):
     name = "lora"
-    calibration_batches = 0
-    report = None
 
     def __init__(self, cfg: ExperimentConfig):
         self.config = cfg.method.lora
@@ -164,27 +216,16 @@ class LoraMethod:
                           target_modules=self.config.targets, task_type="CAUSAL_LM")
         return get_peft_model(model, lora)
 
-
-    def parameter_groups(self, model, weight_decay: float) -> list[dict]:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return _decay_groups(named, weight_decay, decay_1d=set())
-
     def describe(self, model) -> str:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for _, p in self.trainable(model))
         return f"{trainable:,} LoRA parameters trainable (r={self.config.r}, alpha={self.config.alpha})"
 
-    def save_state(self, model, directory: Path) -> None:
-        return None
-
-    def load_state(self, model, directory: Path) -> None:
-        return None
-
-    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool) -> Path:
+    def export(self, engine, run_dir: Path, model_dir: Path, save_merged: bool, gather: Gather = None) -> Path:
         from peft import get_peft_model_state_dict
 
         model = engine.module
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        masters = dict(zip((n for n, _ in named), _full_fp32([p for _, p in named])))
+        named = self.trainable(model)
+        masters = dict(zip((n for n, _ in named), full_fp32([p for _, p in named])))
         out = run_dir / ADAPTER_DIR
         if is_rank0():
             state = get_peft_model_state_dict(model, state_dict=masters)
@@ -195,7 +236,7 @@ class LoraMethod:
         return out
 
 
-def build_method(cfg: ExperimentConfig):
+def build_method(cfg: ExperimentConfig) -> Method:
     name = cfg.method.name
     if name == "sift":
         return SiftMethod(cfg)

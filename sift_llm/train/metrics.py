@@ -115,12 +115,13 @@ class CollectiveCounter:
         self.active = False
         self.installed = False
 
-    def install(self) -> None:
+    def install(self, force: bool = False) -> None:
+        """Wrap the collectives (when ``SIFT_LLM_COUNT_COLLECTIVES=1``, or always with ``force``)."""
         import inspect
 
         import torch.distributed as dist
 
-        if self.installed or os.environ.get(COUNT_COLLECTIVES_ENV) != "1":
+        if self.installed or not (force or os.environ.get(COUNT_COLLECTIVES_ENV) == "1"):
             return
         for name, argument in _COLLECTIVES.items():
             original = getattr(dist, name, None)

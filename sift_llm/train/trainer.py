@@ -1,6 +1,19 @@
-"""The training recipe: data, model, method, DeepSpeed engine, loop, checkpoints, exports.
+"""The training recipe: set up, select, then one plain loop; every rank runs it.
 
-One loop serves SIFT, full fine-tuning and LoRA; what differs between them lives in sift_llm.train.methods.
+``Trainer(cfg).run()`` reads top to bottom: ``setup_distributed`` -> ``setup_data`` -> ``setup_model`` ->
+``setup_method`` -> ``setup_engine`` -> ``select_or_resume`` -> ``train_loop`` -> ``export``. One loop serves
+SIFT, full fine-tuning and LoRA; what differs between them lives in :mod:`sift_llm.train.methods`.
+Measurement and fault injection attach from outside as callbacks (:mod:`sift_llm.train.callbacks`).
+
+Two rules shape the loop:
+
+- **The loss is token-weighted over the whole optimizer step.** Each micro-batch's loss is its summed
+  token loss divided by the learned tokens of the step on all ranks (transformers' ``num_items_in_batch``),
+  so a 10-token answer weighs a tenth of a 100-token one, whatever micro-batch or rank it lands on, and the
+  logged train loss is the same quantity as the held-out loss.
+- **The model trains in training mode.** ``from_pretrained`` returns a model in eval mode and neither
+  DeepSpeed nor an evaluation restores it, while transformers recomputes activations (gradient
+  checkpointing) and applies dropout only in training mode; so every step sets it.
 """
 
 from __future__ import annotations
@@ -22,16 +35,17 @@ from sift_llm.data.encode import IGNORE_INDEX
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_write_json
 from sift_llm.runtime import default_device, is_rank0, log, progress, rank, world_size
-from sift_llm.train import checkpoint, faults
-from sift_llm.train.batches import BatchPlan, DataPosition
+from sift_llm.train import checkpoint
+from sift_llm.train.batches import BatchPlan, DataPosition, real_tokens
+from sift_llm.train.callbacks import CallbackList
 from sift_llm.train.ds_config import build_ds_config, offloads_optimizer, zero_stage
 from sift_llm.train.methods import build_method
-from sift_llm.train.metrics import COLLECTIVES, MetricsLog, peak_memory, reset_peak_memory
+from sift_llm.train.metrics import MetricsLog
 from sift_llm.train.schedule import build_scheduler
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss or the gradients became NaN or inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -67,63 +81,7 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend=backend)
 
 
-def _barrier() -> None:
-    torch.distributed.barrier()
-
-
-def _use_bf16(cfg: ExperimentConfig, device: torch.device) -> bool:
-    if cfg.train.precision == "auto":
-        return device.type != "cpu"
-    return cfg.train.precision == "bf16"
-
-
-def _prepare_data(cfg: ExperimentConfig):
-    """Rank 0 builds (or finds) the dataset; the others wait, then reuse it from the cache."""
-    if is_rank0():
-        prepared = prepare(cfg.data, cfg.model.path)
-        if prepared.cached:
-            log(f"data: reusing {prepared.path}")
-    _barrier()
-    if not is_rank0():
-        prepared = prepare(cfg.data, cfg.model.path)
-    return prepared, load_prepared(prepared.path)
-
-
-def _load_model(model_dir: Path, bf16: bool, gradient_checkpointing: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
-    model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return model, pad_id
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def _learned_tokens(batch: dict) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    with COLLECTIVES.paused():
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _per_rank(record: dict) -> dict:
-    """{key: [value on rank 0, rank 1, ...]} for a dict every rank passes."""
-    gathered = [None] * world_size()
-    torch.distributed.all_gather_object(gathered, record)
-    return {key: [entry.get(key) for entry in gathered] for key in record}
-
-
-def _optimizer(cfg: ExperimentConfig, groups: list[dict], device: torch.device, ds: dict):
+def build_optimizer(cfg: ExperimentConfig, groups: list[dict], device: torch.device, ds: dict):
     """AdamW from the experiment config: a torch optimizer, or DeepSpeed's own when it offloads to CPU."""
     train = cfg.train
     options = {"lr": train.learning_rate, "betas": (train.adam_beta1, train.adam_beta2), "eps": train.adam_eps}
@@ -134,160 +92,395 @@ def _optimizer(cfg: ExperimentConfig, groups: list[dict], device: torch.device, 
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **options)
 
 
-def held_out_loss(engine, plan: BatchPlan | None, pad_id: int, device: torch.device, max_batches: int | None):
-    """Token-weighted mean loss over the validation split, summed across ranks."""
-    if plan is None:
-        return None
-    engine.eval()
-    total = plan.micro_batches_per_epoch if max_batches is None else min(max_batches, plan.micro_batches_per_epoch)
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for index in range(total):
-            batch = _to(plan.batch(index, pad_id), device)
-            count = _learned_tokens(batch)
-            loss_sum += float(engine(**batch).loss.float()) * float(count)
-            tokens += float(count)
-    engine.train()
-    loss_sum, tokens = _all_reduce([loss_sum, tokens], device)
-    return loss_sum / max(tokens, 1.0)
+def learned_tokens(batch: dict) -> int:
+    """Label tokens a micro-batch is trained on (labels are shifted by one inside the model, as HF does)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def train(cfg: ExperimentConfig, resume: str | bool | None = None) -> TrainResult:
-    """Run (or resume) training as described by ``cfg``; every rank calls this."""
-    import deepspeed
+def end_process(code: int) -> None:
+    """Leave the process group and exit at once, skipping the interpreter's teardown.
 
-    COLLECTIVES.install()  # bench measurement hook; a no-op unless SIFT_LLM_COUNT_COLLECTIVES=1
-    init_distributed()
-    device = default_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    run_dir = cfg.run_dir
-    if is_rank0():
-        save_resolved(cfg, run_dir)
-    prepared, splits = _prepare_data(cfg)
-    bf16 = _use_bf16(cfg, device)
-    model_dir = assets.resolve(cfg.model.path)
-    model, pad_id = _load_model(model_dir, bf16, cfg.model.gradient_checkpointing)
-    model.to(device)
+    DeepSpeed keeps the default process group referenced (from objects Python's garbage collector cannot
+    reach), so ``destroy_process_group`` leaves its gloo threads running; when the interpreter then tears
+    down with a live gloo group, the process aborts ("terminate called without an active exception",
+    SIGABRT) in about half of all exits, measured with plain torch.distributed and no DeepSpeed at all. An
+    immediate exit after destroying the groups never did. Every output is written and closed by now.
+    """
+    import sys
 
-    ranks, me = world_size(), rank()
-    plan = BatchPlan(splits["train"], cfg.train.micro_batch_size, me, ranks, cfg.seed)
-    validation = splits.get("validation")
-    eval_plan = None
-    if validation is not None and len(validation) >= ranks:
-        eval_plan = BatchPlan(validation, cfg.train.micro_batch_size, me, ranks, cfg.seed, shuffle=False)
-    accumulation = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = max(1, plan.micro_batches_per_epoch // accumulation)
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
-    method = build_method(cfg)
-    model = method.prepare(model)
-    resume_from = checkpoint.find(run_dir, resume if isinstance(resume, str) else None) if resume else None
-    if resume and resume_from is None:
-        log(f"resume: no checkpoint under {checkpoint.checkpoint_root(run_dir)}, starting fresh")
-    if resume_from is not None:
-        method.load_state(model, resume_from)
-    elif method.calibration_batches:
-        # Selection runs on the plain model, before DeepSpeed wraps it: ZeRO's gradient hooks must not see
-        # calibration backward passes, and global-scope counts must be fixed before values are partitioned.
-        reset_peak_memory(device)
-        selection_started = time.perf_counter()
-        method.select(model, [_to(plan.batch(i, pad_id), device) for i in range(method.calibration_batches)])
-        method.report["wall_seconds"] = time.perf_counter() - selection_started
-        method.report["peak_memory"] = _per_rank(peak_memory(device))
+
+def resident_parameter_elements(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its ZeRO-3 partition of each partitioned parameter, else all."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+def total_parameter_elements(model: torch.nn.Module) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _gather_per_rank(value):
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+class Trainer:
+    """One training run as ``cfg`` describes it. Construct on every rank, then call :meth:`run`."""
+
+    def __init__(self, cfg: ExperimentConfig, resume: str | bool | None = None, callbacks=()):
+        self.cfg = cfg
+        self.resume = resume
+        self.callbacks = CallbackList(callbacks)
+        self.run_dir = cfg.run_dir
+        self.summary: dict = {}
+
+    def run(self) -> TrainResult:
+        self.setup_distributed()
+        self.setup_data()
+        self.setup_model()
+        self.setup_method()
+        self.setup_engine()
+        self.callbacks.on_train_start(self)
+        self.select_or_resume()
+        self.train_loop()
+        return self.export()
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def setup_distributed(self) -> None:
+        """Process group, device, seeds, precision, the DeepSpeed config; refuse what cannot work, early."""
+        cfg = self.cfg
+        init_distributed()
+        self.device = default_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed)
+        self.ranks, self.rank = world_size(), rank()
+        if cfg.train.precision == "auto":
+            self.bf16 = self.device.type != "cpu"
+        else:
+            self.bf16 = cfg.train.precision == "bf16"
+        self.ds = build_ds_config(cfg, bf16=self.bf16, world_size=self.ranks)
+        self.zero_stage = zero_stage(self.ds)
+        if cfg.method.name == "sift" and cfg.method.sift.scope == "global" and self.zero_stage == 3:
+            raise UserError(
+                "method.sift.scope=global needs every matrix's count before ZeRO-3 partitions the values, and "
+                "under ZeRO-3 the selection can only run inside the engine: use scope per_matrix (optionally "
+                "with method.sift.budget) or a ZeRO 0-2 config such as ds_configs/zero2.json"
+            )
+        self.resume_from = None
+        if self.resume:
+            self.resume_from = checkpoint.find(self.run_dir, self.resume if isinstance(self.resume, str) else None)
+            if self.resume_from is None:
+                log(f"resume: no checkpoint under {checkpoint.checkpoint_root(self.run_dir)}, starting fresh")
+            else:
+                checkpoint.check_compatible(self.resume_from, cfg.method.name, self.ranks)
         if is_rank0():
-            atomic_write_json(run_dir / "selection.json", method.report)
+            save_resolved(cfg, self.run_dir)
 
-    ds = build_ds_config(cfg, bf16=bf16, world_size=ranks)
-    optimizer = _optimizer(cfg, method.parameter_groups(model, cfg.train.weight_decay), device, ds)
-    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_ratio, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds
-    )
+    def setup_data(self) -> None:
+        """The tokenized dataset and each rank's deterministic order over it.
 
-    step, position = 0, DataPosition()
-    if resume_from is not None:
-        step, position = checkpoint.load(engine, method, resume_from)
-        log(f"resume: continuing from {resume_from} at step {step}")
+        Global rank 0 builds (or finds) the dataset first; then the first rank of every other node does
+        (a cache hit where nodes share the cache directory, a build of the same bytes where they do not);
+        then everyone reads it. All ranks must end on the same fingerprint.
+        """
+        cfg = self.cfg
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        prepared = None
+        if is_rank0():
+            prepared = prepare(cfg.data, cfg.model.path)
+            if prepared.cached:
+                log(f"data: reusing {prepared.path}")
+        torch.distributed.barrier()
+        if local_rank == 0 and prepared is None:
+            prepared = prepare(cfg.data, cfg.model.path)
+        torch.distributed.barrier()
+        if prepared is None:
+            prepared = prepare(cfg.data, cfg.model.path)
+        fingerprints = set(_gather_per_rank(prepared.stats["fingerprint"])) if self.ranks > 1 else set()
+        if len(fingerprints) > 1:
+            raise UserError(
+                f"the ranks built different datasets (fingerprints {sorted(f[:12] for f in fingerprints)}): every "
+                "node needs the same data file, tokenizer and data options"
+            )
+        self.prepared = prepared
+        splits = load_prepared(prepared.path)
+        self.plan = BatchPlan(splits["train"], cfg.train.micro_batch_size, self.rank, self.ranks, cfg.seed)
+        validation = splits.get("validation")
+        self.eval_plan = None
+        if validation is not None and len(validation) >= self.ranks:
+            self.eval_plan = BatchPlan(validation, cfg.train.micro_batch_size, self.rank, self.ranks, cfg.seed,
+                                       shuffle=False)
+        self.accumulation = cfg.train.gradient_accumulation_steps
+        steps_per_epoch = max(1, self.plan.micro_batches_per_epoch // self.accumulation)
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
-    log(
-        f"train: {method.name}, ZeRO-{zero_stage(ds)}, {ranks} rank(s), {'bf16' if bf16 else 'fp32'}, "
-        f"{total_steps} steps of {cfg.train.micro_batch_size}x{accumulation}x{ranks} examples; {method.describe(engine.module)}"
-    )
-    metrics = MetricsLog(run_dir, resumed_at=step if resume_from is not None else None)
-    last_loss, eval_loss = float("nan"), None
-    if resume_from is None:
-        # The untrained model's held-out loss: the point every later one is measured against.
-        eval_loss = held_out_loss(engine, eval_plan, pad_id, device, cfg.train.eval_batches)
-        if eval_loss is not None:
-            metrics.write({"step": 0, "eval_loss": eval_loss})
-            log(f"step 0: held-out loss {eval_loss:.4f} (before training)")
-    bar = progress(total=total_steps, initial=step, desc=f"train {method.name}", unit="step")
-    reset_peak_memory(device)
-    loop_peak = peak_memory(device)
-    try:
-        while step < total_steps:
-            started, cpu_started = time.perf_counter(), time.process_time()
-            COLLECTIVES.start_step()
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses; DeepSpeed advances it in engine.step
-            loss_sum = tokens = 0.0
-            for _ in range(accumulation):
-                batch = _to(plan.batch(position.micro_batches_done, pad_id), device)
-                loss = engine(**batch).loss
-                # One collective per micro-batch both averages the loss for logging and tells every rank
-                # at once when any rank saw a non-finite loss, so all stop together.
-                rank_loss, rank_tokens = _all_reduce([float(loss.detach().float()), float(batch["attention_mask"].sum())], device)
-                if not math.isfinite(rank_loss):
-                    latest = checkpoint.find(run_dir, None)
-                    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-                    raise TrainingDiverged(
-                        f"the loss became {rank_loss} at step {step + 1} (micro-batch {position.micro_batches_done}); "
-                        f"stopping; {kept}. Lower train.learning_rate or check the data."
-                    )
-                engine.backward(loss)
-                engine.step()
-                position.micro_batches_done += 1
-                loss_sum += rank_loss / ranks
-                tokens += rank_tokens
-            step += 1
-            elapsed = time.perf_counter() - started
-            cpu_seconds = time.process_time() - cpu_started  # this process's CPU time: robust to a busy machine
-            collective_bytes = COLLECTIVES.end_step()
-            loop_peak = peak_memory(device)  # the steps' peak, before this step's evaluation or checkpoint
-            last_loss = loss_sum / accumulation
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                record = {"step": step, "epoch": round(position.micro_batches_done / plan.micro_batches_per_epoch, 4),
-                          "loss": last_loss, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                          "step_cpu_s": cpu_seconds}
+    def setup_model(self) -> None:
+        """The base model in the training dtype; under ZeRO-3 each rank materialises only its partition.
+
+        transformers' DeepSpeed integration builds the model inside ``deepspeed.zero.Init`` while an
+        ``HfDeepSpeedConfig`` of a ZeRO-3 config is alive, and loads the checkpoint one module at a time
+        (rank 0 reads, the module's parameters are gathered, filled and partitioned again).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = assets.resolve(self.cfg.model.path)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._zero3_context = None
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_context = HfDeepSpeedConfig(self.ds)  # transformers keeps only a weak reference
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        if self.zero_stage != 3:
+            model.to(self.device)
+        model.config.use_cache = False
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.summary["total_parameter_elements"] = total_parameter_elements(model)
+        self.summary["resident_parameter_elements"] = self._per_rank(resident_parameter_elements(model))
+
+    def setup_method(self) -> None:
+        """Which parameters train; a resumed SIFT run takes its indices from the checkpoint here.
+
+        Global-scope SIFT selects now, on the plain model: its per-matrix counts are known only after the
+        selection and must be fixed before DeepSpeed partitions and flattens the values.
+        """
+        self.method = build_method(self.cfg)
+        self.model = self.method.prepare(self.model)
+        if self.resume_from is not None:
+            self.method.load_state(self.model, self.resume_from)
+        elif self.method.selects and self.method.selects_before_engine:
+            self.select(self.model)
+
+    def setup_engine(self) -> None:
+        """AdamW over the method's parameter groups, the schedule, and the DeepSpeed engine around the model."""
+        import deepspeed
+
+        groups = self.method.parameter_groups(self.model, self.cfg.train.weight_decay)
+        optimizer = build_optimizer(self.cfg, groups, self.device, self.ds)
+        scheduler = build_scheduler(optimizer, self.cfg.train.lr_scheduler, self.cfg.train.warmup_ratio,
+                                    self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds
+        )
+        if self._zero3_context is not None:
+            # Loading is done: later loads in this process (the merged export) must not partition.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._zero3_context = None
+
+    def select_or_resume(self) -> None:
+        """Continue from the checkpoint, or (per-matrix SIFT) choose the trainable entries inside the engine.
+
+        Inside the engine, ZeRO-3's hooks gather each module's partitioned weights around its forward and
+        backward, so the selection sees one whole matrix at a time and never the whole model.
+        """
+        self.step, self.position = 0, DataPosition()
+        if self.resume_from is not None:
+            self.step, self.position = checkpoint.load(self.engine, self.method, self.resume_from)
+            log(f"resume: continuing from {self.resume_from} at step {self.step}")
+        elif self.method.selects and self.method.report is None:
+            self.select(self.engine.module)
+
+    def select(self, module: torch.nn.Module) -> None:
+        """SIFT's selection on the first optimizer batch (all its micro-batches on every rank), token-weighted."""
+        self.callbacks.on_selection_start(self)
+        batches = []
+        for index in range(self.method.calibration_batches):
+            micro = [self.plan.batch(index * self.accumulation + i, self.pad_id) for i in range(self.accumulation)]
+            tokens = self._step_tokens(micro)[0]
+            batches.append(([_to(b, self.device) for b in micro], tokens))
+        self.method.select(module, batches, micro_batches=self.accumulation)
+        report = self.method.report
+        report["resident_parameter_elements"] = self._per_rank(resident_parameter_elements(module))
+        self.callbacks.on_selection_end(self, report)
+        if is_rank0():
+            atomic_write_json(self.run_dir / "selection.json", report)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def train_loop(self) -> None:
+        cfg, engine = self.cfg, self.engine
+        metrics = MetricsLog(self.run_dir, resumed_at=self.step if self.resume_from is not None else None)
+        self.last_loss, self.eval_loss = float("nan"), None
+        log(
+            f"train: {self.method.name}, ZeRO-{self.zero_stage}, {self.ranks} rank(s), "
+            f"{'bf16' if self.bf16 else 'fp32'}, {self.total_steps} steps of {cfg.train.micro_batch_size}x"
+            f"{self.accumulation}x{self.ranks} examples; {self.method.describe(engine.module)}"
+        )
+        if self.resume_from is None:
+            # The untrained model's held-out loss: the point every later one is measured against.
+            self.eval_loss = self.held_out_loss()
+            if self.eval_loss is not None:
+                metrics.write({"step": 0, "eval_loss": self.eval_loss})
+                log(f"step 0: held-out loss {self.eval_loss:.4f} (before training)")
+        bar = progress(total=self.total_steps, initial=self.step, desc=f"train {self.method.name}", unit="step")
+        self.callbacks.on_loop_start(self)
+        try:
+            while self.step < self.total_steps:
+                step = self.step + 1
+                self.callbacks.on_step_start(self, step)
+                started = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; DeepSpeed advances it in step()
+                loss, tokens = self.train_step(step)
+                self.step = step
+                elapsed = time.perf_counter() - started
+                self.last_loss = loss
+                record = {"step": step, "epoch": round(self.position.micro_batches_done / self.plan.micro_batches_per_epoch, 4),
+                          "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
                 norm = engine.get_global_grad_norm()
                 if norm is not None:
                     record["grad_norm"] = float(norm)
-                if collective_bytes is not None:
-                    record["collective_bytes"] = collective_bytes
-                metrics.write(record)
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps:
-                eval_loss = held_out_loss(engine, eval_plan, pad_id, device, cfg.train.eval_batches)
-                if eval_loss is not None:
-                    metrics.write({"step": step, "eval_loss": eval_loss})
-                    log(f"step {step}: held-out loss {eval_loss:.4f}")
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
-                checkpoint.save(engine, method, run_dir, step, position, cfg.train.keep_last)
-            faults.maybe_die("after_step", step)
-    finally:
-        bar.close()
-        metrics.close()
-    # Peak memory of the training steps (weights, optimizer state, activations), each rank's own.
-    training_peak = _per_rank(loop_peak)
+                self.callbacks.on_step_end(self, step, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    metrics.write(record)
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps:
+                    self.eval_loss = self.held_out_loss()
+                    if self.eval_loss is not None:
+                        metrics.write({"step": step, "eval_loss": self.eval_loss})
+                        log(f"step {step}: held-out loss {self.eval_loss:.4f}")
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == self.total_steps:
+                    self.save_checkpoint(step)
+                self.callbacks.on_after_checkpoint(self, step)
+        finally:
+            bar.close()
+            metrics.close()
 
-    output = method.export(engine, run_dir, model_dir, save_merged=cfg.train.save_merged)
-    if is_rank0():
-        atomic_write_json(run_dir / "train_summary.json", {
-            "method": method.name, "steps": step, "final_loss": last_loss, "eval_loss": eval_loss,
-            "dataset": str(prepared.path), "output": str(output), "base_model": str(model_dir),
-            "zero_stage": zero_stage(ds), "world_size": ranks, "bf16": bf16, "peak_memory": training_peak,
-        })
-        log(f"train: done; {output}")
-    return TrainResult(run_dir, step, last_loss, eval_loss, output)
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over ``accumulation`` micro-batches; returns (token-weighted loss, input tokens)."""
+        engine = self.engine
+        # transformers checkpoints activations and applies dropout only in training mode; an evaluation
+        # (or from_pretrained itself) leaves the model in eval mode.
+        engine.train()
+        micro = [self.plan.batch(self.position.micro_batches_done + i, self.pad_id) for i in range(self.accumulation)]
+        # The step's learned tokens on all ranks, known before any forward: every micro-batch's loss is its
+        # summed token loss over this count, so the step's gradient is that of the token-weighted mean.
+        learned, inputs = self._step_tokens(micro)
+        # DeepSpeed averages gradients over ranks and (unless told not to) over accumulation steps; the
+        # loss is already normalised by the whole step's tokens, so undo the first and skip the second.
+        scale = float(self.ranks)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        step_loss = float("nan")
+        for index, batch in enumerate(micro):
+            loss = engine(**_to(batch, self.device), num_items_in_batch=max(learned, 1)).loss
+            loss_sum += loss.detach().float()
+            engine.backward(loss * scale, scale_wrt_gas=False)
+            if index == len(micro) - 1:
+                # One collective per step: the logged loss, and a stop signal every rank sees at once,
+                # before the update could write a non-finite loss's gradients into the weights.
+                step_loss = _all_reduce([float(loss_sum)], self.device)[0]
+                if not math.isfinite(step_loss):
+                    self._diverged(step, f"the loss became {step_loss}")
+                self.callbacks.on_gradients_ready(self, step)
+            # DeepSpeed expects step() after every micro-batch; it updates only at the accumulation boundary.
+            engine.step()
+            self.position.micro_batches_done += 1
+        norm = engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            self._diverged(step, f"the gradient norm became {float(norm)} (the loss was {step_loss:.4f})")
+        return step_loss, inputs
+
+    def _step_tokens(self, micro: list[dict]) -> tuple[int, int]:
+        """(learned, input) tokens of these micro-batches summed over every rank."""
+        local = [sum(learned_tokens(b) for b in micro), sum(int(real_tokens(b)) for b in micro)]
+        learned, inputs = _all_reduce([float(v) for v in local], self.device)
+        return int(learned), int(inputs)
+
+    def _diverged(self, step: int, what: str) -> None:
+        latest = checkpoint.find(self.run_dir, None)
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"{what} at step {step}; stopping without saving; {kept}. Lower train.learning_rate or check the data."
+        )
+
+    def held_out_loss(self) -> float | None:
+        """Token-weighted mean loss over the validation split (capped at ``train.eval_batches``), all ranks."""
+        plan = self.eval_plan
+        if plan is None:
+            return None
+        limit = self.cfg.train.eval_batches
+        total = plan.micro_batches_per_epoch if limit is None else min(limit, plan.micro_batches_per_epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        was_training = self.engine.module.training
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for index in range(total):
+                    batch = plan.batch(index, self.pad_id)
+                    count = learned_tokens(batch)
+                    # Summed token loss (num_items_in_batch=1), so micro-batches weigh by their tokens.
+                    loss_sum += self.engine(**_to(batch, self.device), num_items_in_batch=1).loss.double()
+                    tokens += count
+        finally:
+            self.engine.train(was_training)
+        loss_sum, tokens = _all_reduce([float(loss_sum), float(tokens)], self.device)
+        return loss_sum / max(tokens, 1.0)
+
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint ``step``, refusing one whose trainable values are not finite (it would be "last good")."""
+        flag = torch.tensor([0.0 if self.method.values_finite(self.engine) else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag)
+        if float(flag) > 0:
+            self._diverged(step, "the trained values are not finite")
+        checkpoint.save(self.engine, self.method, self.run_dir, step, self.position, self.cfg.train.keep_last,
+                        written=lambda: self.callbacks.on_checkpoint_written(self, step))
+
+    # -- the result --------------------------------------------------------------------------------------
+
+    def export(self) -> TrainResult:
+        """The adapter (SIFT, LoRA) or model (full) directory; with ``train.save_merged``, the merged model too."""
+        summary = self.summary
+        self.callbacks.on_train_end(self, summary)
+        output = self.method.export(self.engine, self.run_dir, self.model_dir, save_merged=self.cfg.train.save_merged,
+                                    gather=self._gather_context())
+        if is_rank0():
+            atomic_write_json(self.run_dir / "train_summary.json", {
+                "method": self.method.name, "steps": self.step, "final_loss": self.last_loss,
+                "eval_loss": self.eval_loss, "dataset": str(self.prepared.path), "output": str(output),
+                "base_model": str(self.model_dir), "zero_stage": self.zero_stage, "world_size": self.ranks,
+                "bf16": self.bf16, **summary,
+            })
+            log(f"train: done; {output}")
+        return TrainResult(self.run_dir, self.step, self.last_loss, self.eval_loss, output)
+
+    def _gather_context(self):
+        """Under ZeRO-3, a context that gathers the given partitioned parameters on every rank (collective)."""
+        if self.zero_stage != 3:
+            return None
+        import deepspeed
+
+        return lambda params: deepspeed.zero.GatheredParameters(params)
+
+    def _per_rank(self, value) -> list:
+        return _gather_per_rank(value) if self.ranks > 1 else [value]
+
+
+def train(cfg: ExperimentConfig, resume: str | bool | None = None, callbacks=()) -> TrainResult:
+    """Run (or resume) training as described by ``cfg``; every rank calls this."""
+    return Trainer(cfg, resume, callbacks).run()
+

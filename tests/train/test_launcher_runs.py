@@ -40,13 +40,14 @@ def _final_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "sift_adapter.safetensors"))
 
 
-@pytest.mark.parametrize("kill_at", ["after_step:3", "during_save:4"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(make_config, kill_at):
+@pytest.mark.parametrize("kill_at, packing", [("after_step:3", False), ("during_save:4", False), ("after_step:3", True)])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(make_config, kill_at, packing):
     train = {"max_steps": 6, "save_every": 2, "keep_last": 2}
-    reference = make_config("reference", train=train)
+    data = {"packing": packing, "max_length": 64}
+    reference = make_config("reference", train=train, data=data)
     launched(reference)
 
-    interrupted = make_config("interrupted", train=train)
+    interrupted = make_config("interrupted", train=train, data=data)
     killed = launch(interrupted, env={"SIFT_LLM_KILL_AT": kill_at})
     assert killed.returncode != 0
     run_dir = interrupted.parent / "interrupted"

@@ -20,6 +20,11 @@ ROWS = [
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir):
     """Write an experiment YAML for the tiny model and a 12-row corpus; keyword sections override defaults."""
+    return config_writer(tmp_path, tiny_model_dir)
+
+
+def config_writer(tmp_path: Path, tiny_model_dir: Path):
+    """make_config's function, for fixtures of a wider scope."""
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
 
