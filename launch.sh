@@ -19,11 +19,12 @@ bin=$(bash "$root/scripts/setup.sh")
 
 launcher=()
 program=()
+resume=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --resume)
-      program+=("--resume")
-      if [ $# -gt 1 ] && [[ "$2" != -* ]] && [[ "$2" != *=* ]]; then program+=("$2"); shift; fi ;;
+      resume=("--resume")
+      if [ $# -gt 1 ] && [[ "$2" != -* ]] && [[ "$2" != *=* ]]; then resume+=("$2"); shift; fi ;;
     --*=*) launcher+=("$1") ;;
     --*)
       launcher+=("$1")
@@ -49,4 +50,4 @@ if ! "$bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available(
 fi
 
 cd "$root"
-exec "$bin/deepspeed" "${launcher[@]}" --no_local_rank --module sift_llm.cli train "$config" "${program[@]}"
+exec "$bin/deepspeed" "${launcher[@]}" --no_local_rank --module sift_llm.cli train "$config" "${program[@]}" "${resume[@]}"

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from pathlib import Path
 
     import torch
 
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from sift_llm.train.callbacks import default_callbacks
     from sift_llm.train.trainer import end_process, train
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume section.key=value`: argparse took an override for the optional checkpoint path.
+        args.overrides, args.resume = [*args.overrides, args.resume], True
     code = 0
     try:
         cfg = load_config(args.config, args.overrides)
