@@ -19,9 +19,8 @@ from sift_llm.data.config import DataConfig
 from sift_llm.evaluation.config import EvalConfig
 from sift_llm.fsio import atomic_write_text
 from sift_llm.schema import ConfigError, option
-from sift_llm.sift.config import SiftConfig
+from sift_llm.sift.config import LLAMA_PROJECTIONS, SiftConfig
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESOLVED_NAME = "config.yaml"
 
 
@@ -32,18 +31,20 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
+    """The ``method.lora`` section (not peft's LoraConfig, which the LoRA method builds from it)."""
+
     r: int = option(8, min=1, help="LoRA rank")
     alpha: float = option(16.0, min=0, min_exclusive=True, help="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = option(0.0, min=0, max=1, help="dropout on the LoRA input")
-    targets: list[str] = option(default_factory=lambda: list(PROJECTIONS), help="module names to adapt")
+    targets: list[str] = option(default_factory=lambda: list(LLAMA_PROJECTIONS), help="module names to adapt")
 
 
 @dataclass
 class MethodConfig:
     name: Literal["sift", "full", "lora"] = option("sift", help="sparse increments, full fine-tuning, or LoRA")
     sift: SiftConfig = field(default_factory=SiftConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass

@@ -28,6 +28,15 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for a local rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def default_device() -> torch.device:
     """The accelerator for this process (its LOCAL_RANK-th one) when there is one, else the CPU."""
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sift_llm.data import load_prepared, prepare
 from sift_llm.data.encode import IGNORE_INDEX
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_write_json
-from sift_llm.runtime import default_device, is_rank0, log, progress, rank, world_size
+from sift_llm.runtime import default_device, free_port, is_rank0, log, progress, rank, world_size
 from sift_llm.train import checkpoint
 from sift_llm.train.batches import BatchPlan, DataPosition, real_tokens
 from sift_llm.train.callbacks import CallbackList
@@ -57,12 +56,6 @@ class TrainResult:
     output: Path
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def init_distributed() -> None:
     """Join (or, for a plain single process, create) the process group DeepSpeed expects."""
     import deepspeed
@@ -73,7 +66,7 @@ def init_distributed() -> None:
     # A process started without a launcher is a world of one; DeepSpeed would otherwise look for MPI.
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     if "RANK" not in os.environ:
-        defaults["MASTER_PORT"] = _free_port()
+        defaults["MASTER_PORT"] = str(free_port())
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
