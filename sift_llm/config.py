@@ -28,6 +28,23 @@ RESOLVED_NAME = "config.yaml"
 class ModelConfig:
     path: str = option("asset:smollm2-135m-instruct", help="HF model directory, or asset:NAME")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
+    quantization: Literal["none", "nf4", "fp4"] = option(
+        "none",
+        help="load the base in 4 bits with bitsandbytes (QLoRA's NF4, or FP4): the targeted Linears, and every other "
+        "Linear but lm_head, hold 4-bit weights; embeddings, norms and lm_head stay in the training dtype. SIFT and "
+        "LoRA train on top (the trainable values stay fp32); full fine-tuning cannot. none: the full-precision base",
+    )
+    double_quant: bool = option(
+        True, help="with quantization: also quantize the 4-bit blocks' scales (QLoRA's double quantization)"
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
+        "auto", help="with quantization: dtype of the 4-bit products; auto = bf16 on a GPU, fp32 on CPU"
+    )
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = option(
+        "auto",
+        help="with quantization: dtype the packed 4-bit weights are stored in; auto = uint8, or under ZeRO-3 the "
+        "training dtype (DeepSpeed partitions and casts floating parameters only; PEFT's ZeRO-3 + 4-bit setting)",
+    )
 
 
 @dataclass
