@@ -21,7 +21,15 @@ from sift_llm import __version__, runtime, schema
 from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir, atomic_write_json
 from sift_llm.sift.config import SiftConfig
-from sift_llm.sift.model import SiftHandle, attach_sift, base_fingerprint, content_probe_positions, find_targets
+from sift_llm.sift.layer import base_dtype, base_values
+from sift_llm.sift.model import (
+    SiftHandle,
+    attach_sift,
+    base_fingerprint,
+    base_quantization,
+    content_probe_positions,
+    find_targets,
+)
 
 FORMAT_VERSION = 1  # base_model.content (optional; readers without it ignore it) came later within version 1
 TENSORS_FILE = "sift_adapter.safetensors"
@@ -73,6 +81,8 @@ def save_adapter(
             "fingerprint": handle.fingerprint,
             "shape_fingerprint": handle.shape_fingerprint,
             "content": dict(content) if content is not None else handle.base_content(),
+            # A 4-bit base (how bitsandbytes quantized it); absent for a full-precision base.
+            **({"quantization": dict(handle.quantization)} if handle.quantization else {}),
         },
         "config": schema.to_dict(handle.config),
         "modules": modules,
@@ -139,6 +149,7 @@ def _check_base(model: nn.Module, config: SiftConfig, expected: Mapping[str, Any
             f"but the model given is {here!r} (fingerprint {base_fingerprint(targets.items())[:16]}, "
             f"shapes {shape_fingerprint[:16]}): its targeted weights differ in names or shapes"
         )
+    _check_quantization(model, targets, expected, directory, trained_on)
     content = expected.get("content")
     if content is None:
         runtime.log(f"SIFT adapter {directory}: written before base-content fingerprints; the base's weights are not checked")
@@ -155,17 +166,40 @@ def _check_base(model: nn.Module, config: SiftConfig, expected: Mapping[str, Any
         runtime.log(f"SIFT adapter: base {here!r} matches the adapter's base except for the weights' dtype")
 
 
+def _check_quantization(model: nn.Module, targets: Mapping[str, nn.Module], expected: Mapping[str, Any], directory,
+                        trained_on: str) -> None:
+    """Refuse a 4-bit adapter on a full-precision base, a full-precision one on a 4-bit base, or another 4-bit
+    format: the base values under the increment would differ (by the quantization error) everywhere."""
+    recorded = expected.get("quantization")
+    here = base_quantization(targets.values())
+    if recorded is None and here is None:
+        return
+    def what(q):
+        return f"a 4-bit {q['quant_type']} base" if q else "a full-precision base"
+
+    if recorded is None or here is None or recorded.get("quant_type") != here["quant_type"] or \
+            recorded.get("blocksize") != here["blocksize"] or recorded.get("double_quant") != here["double_quant"]:
+        fix = (f"load the base with model.quantization={recorded['quant_type']} "
+               f"model.double_quant={str(recorded.get('double_quant')).lower()} (sift_llm.loading.load_model does this "
+               "from the adapter's record)" if recorded else "load the base without quantization")
+        raise UserError(
+            f"the adapter in {directory} was trained on {what(recorded)} ({trained_on!r}), but the model given is "
+            f"{what(here)}" + (f" ({here})" if here and recorded else "") + f": {fix}"
+        )
+
+
 def _content_mismatch(targets: Mapping[str, nn.Linear], indices: Mapping[str, torch.Tensor], content) -> str | None:
     """None when the targets hold the recorded base values; else what differs.
 
     In the recorded dtype the sha256 must match exactly; in another dtype (a bf16-trained adapter on an fp32
-    base, say) the recorded fp32 probes must agree within the coarser dtype's rounding.
+    base, say) the recorded fp32 probes must agree within the coarser dtype's rounding. 4-bit targets are read
+    dequantized, one matrix at a time (:func:`sift_llm.sift.layer.base_values`).
     """
-    dtypes = {str(module.weight.dtype) for module in targets.values()}
+    dtypes = {str(base_dtype(module)) for module in targets.values()}
     if ",".join(sorted(dtypes)) == content["dtype"]:
         digest = hashlib.sha256()
         for name, module in targets.items():
-            base = module.weight.detach().reshape(-1).index_select(0, indices[name].long().to(module.weight.device))
+            base = base_values(module, indices[name])
             digest.update(name.encode() + b"\0" + base.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return None if digest.hexdigest() == content["sha256"] else "the sha256 of the base values differs"
     eps = max(torch.finfo(getattr(torch, d.removeprefix("torch."))).eps for d in [*dtypes, *content["dtype"].split(",")])
@@ -173,8 +207,7 @@ def _content_mismatch(targets: Mapping[str, nn.Linear], indices: Mapping[str, to
     for name, module in targets.items():
         at = indices[name].long()
         recorded = torch.tensor(content["probes"].get(name, []), dtype=torch.float32)
-        here = module.weight.detach().reshape(-1).index_select(0, at[content_probe_positions(at.numel())].to(
-            module.weight.device)).float().cpu()
+        here = base_values(module, at[content_probe_positions(at.numel())]).float().cpu()
         if here.numel() != recorded.numel():
             return f"{name}: {recorded.numel()} probes recorded, {here.numel()} positions here"
         diff = (here - recorded).abs()

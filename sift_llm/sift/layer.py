@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -69,6 +70,37 @@ TRITON_TILE_COLS = 128
 def index_dtype(numel: int) -> torch.dtype:
     """int32 indices when every flat position of the matrix fits, else int64."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit Linear (``Linear4bit``, as transformers' 4-bit loading makes it).
+
+    Never imports bitsandbytes: a model can only hold such a module once something else has imported it.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def base_values(module, positions: torch.Tensor) -> torch.Tensor:
+    """The base weight's values at flat row-major ``positions`` (on the weight's device, in its dtype).
+
+    For a 4-bit module: of its dequantized weight, formed for this one matrix and dropped
+    (:func:`sift_llm.sift.quantized.dequantized_weight`). ``module`` only needs a ``weight`` otherwise.
+    """
+    if is_4bit(module):
+        from sift_llm.sift.quantized import dequantized_weight
+
+        weight = dequantized_weight(module)
+        return weight.reshape(-1).index_select(0, positions.long().to(weight.device))
+    weight = module.weight.detach()
+    return weight.reshape(-1).index_select(0, positions.long().to(weight.device))
+
+
+def base_dtype(module) -> torch.dtype:
+    """The dtype of :func:`base_values`: the weight's, or for a 4-bit module the dtype it dequantizes to."""
+    if is_4bit(module):
+        return module.weight.quant_state.dtype
+    return module.weight.dtype
 
 
 def add_increment_(flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -246,17 +278,22 @@ class _SparseIncrementLinear(torch.autograd.Function):
             return grad_x, None, None, None, None, None, None
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
         if ctx.needs_input_grad[3]:
-            path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype,
-                                    layer.load_ratio)
-            if path == "triton":
-                _require_triton(layer, grad_2d.device)
-                grad_values = kernels.load_triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
-            elif path == "sampled":
-                grad_values = sddmm_values_grad(grad_2d, x_2d, indices, layer.in_features)
-            else:
-                grad_values = sampled_weight_grad(grad_2d, x_2d, indices, layer.row_blocks())
-            grad_values = grad_values.to(values.dtype)
+            grad_values = values_gradient(layer, grad_2d, x_2d, indices).to(values.dtype)
         return grad_x, None, None, grad_values, None, None, None
+
+
+def values_gradient(layer: SiftLinear, grad_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``(grad_out^T @ x).flatten()[indices]`` in ``grad_2d``'s dtype by the path the layer's cost rule picks
+    (2-D ``grad_2d`` (tokens, out) and ``x_2d`` (tokens, in) of the same dtype); needs no weight."""
+    dtype = grad_2d.dtype
+    path = values_grad_path(layer.numel_weight, indices.numel(), grad_2d.device, layer.values_grad, dtype,
+                            layer.load_ratio)
+    if path == "triton":
+        _require_triton(layer, grad_2d.device)
+        return kernels.load_triton_ops().values_grad(grad_2d, x_2d, layer.tile_plan())
+    if path == "sampled":
+        return sddmm_values_grad(grad_2d, x_2d, indices, layer.in_features)
+    return sampled_weight_grad(grad_2d, x_2d, indices, layer.row_blocks())
 
 
 class SiftLinear(nn.Linear):
@@ -278,8 +315,7 @@ class SiftLinear(nn.Linear):
 
         ``values_grad`` and ``merge`` choose the layer's kernels (:data:`VALUES_GRAD_PATHS`, :data:`MERGE_PATHS`).
         """
-        if type(linear) is not nn.Linear:
-            raise UserError(f"{name}: SIFT targets plain nn.Linear modules, got {type(linear).__name__}")
+        cls._check_convertible(linear, name)
         numel = linear.in_features * linear.out_features
         if not 0 <= k <= numel:
             raise ValueError(f"{name}: cannot select {k} of {numel} entries")
@@ -305,6 +341,13 @@ class SiftLinear(nn.Linear):
         linear._kernel_key = None
         linear._kernel_cache = {}
         return linear
+
+    @classmethod
+    def _check_convertible(cls, linear: nn.Module, name: str) -> None:
+        """Refuse a module this class cannot take over (SiftLinear: exactly nn.Linear)."""
+        if type(linear) is not nn.Linear:
+            raise UserError(f"{name}: SIFT targets plain nn.Linear modules (or bitsandbytes 4-bit Linear4bit), "
+                            f"got {type(linear).__name__}")
 
     @property
     def numel_weight(self) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 from sift_llm import runtime
 from sift_llm.errors import UserError
 from sift_llm.sift.config import SiftConfig, matches
-from sift_llm.sift.layer import SiftLinear
+from sift_llm.sift.layer import SiftLinear, base_dtype, base_values, is_4bit
 from sift_llm.sift.memory import StateReport, trainable_state_report
 from sift_llm.sift.selection import Selector
 
@@ -46,6 +46,7 @@ class SiftHandle:
         self.base_name = base_name
         self.fingerprint = base_fingerprint(layers.items())
         self.shape_fingerprint = base_fingerprint(layers.items(), with_dtypes=False)
+        self.quantization = base_quantization(layers.values())
 
     @property
     def selected(self) -> bool:
@@ -107,7 +108,8 @@ class SiftHandle:
 
     def base_content(self, gather=None) -> dict:
         """The identity of the base weights under the increment, in O(selected) work: a sha256 over the base
-        values at the selected positions (in the weights' dtype), and a few of them in fp32.
+        values at the selected positions (in the weights' dtype), and a few of them in fp32. On a 4-bit base
+        these are the dequantized values (in the dtype the weights dequantize to), one matrix at a time.
 
         A base that shares names and shapes but not weights (another fine-tune, or this adapter's own merged
         model, whose selected entries already hold the increment) differs here. Under ZeRO-3 pass ``gather``,
@@ -117,10 +119,10 @@ class SiftHandle:
         probes, dtypes = {}, set()
         for name, layer in self.layers.items():
             with gather([layer.weight]) if gather is not None else contextlib.nullcontext():
-                base = layer.weight.detach().reshape(-1).index_select(0, layer.indices.long()).cpu()
+                base = base_values(layer, layer.indices).cpu()
             digest.update(name.encode() + b"\0" + base.contiguous().view(torch.uint8).numpy().tobytes())
             probes[name] = base[content_probe_positions(base.numel())].float().tolist()
-            dtypes.add(str(layer.weight.dtype))
+            dtypes.add(str(base_dtype(layer)))
         return {"dtype": ",".join(sorted(dtypes)), "sha256": digest.hexdigest(), "probes": probes}
 
     def memory_report(self, optimizer: str = "adamw", master_dtype: torch.dtype | None = torch.float32) -> StateReport:
@@ -159,7 +161,8 @@ def attach_sift(model: nn.Module, config: SiftConfig, *, base_name: str | None =
     model.requires_grad_(False)
     values_dtype = getattr(torch, config.values_dtype)
     layers = {
-        name: SiftLinear.convert(module, name, k, values_dtype, values_grad=config.values_grad, merge=config.merge)
+        name: _layer_class(module).convert(module, name, k, values_dtype, values_grad=config.values_grad,
+                                           merge=config.merge)
         for (name, module), k in zip(targets.items(), counts, strict=True)
     }
     for module in dense.values():
@@ -173,7 +176,9 @@ def merge_into_base(model: nn.Module | SiftHandle) -> nn.Module:
     """Fold every increment into its base weight (fp32 sum, cast back) and restore plain ``nn.Linear`` modules.
 
     Afterwards ``model.save_pretrained`` writes a standard checkpoint that plain transformers loads.
-    Dense modules already hold their trained weights. Under ZeRO-3 gather the parameters first.
+    Dense modules already hold their trained weights. Under ZeRO-3 gather the parameters first. A 4-bit
+    layer becomes an nn.Linear with its dequantized weight plus the increment; to turn a whole 4-bit model
+    into a plain one use :func:`sift_llm.sift.quantized.merge_and_dequantize`.
     """
     if isinstance(model, SiftHandle):
         model = model.model
@@ -189,12 +194,41 @@ def content_probe_positions(count: int, probes: int = 16) -> torch.Tensor:
 
 
 def base_fingerprint(layers, *, with_dtypes: bool = True) -> str:
-    """sha256 over the targeted weights' names, shapes (and dtypes): identifies the base architecture."""
+    """sha256 over the targeted weights' names, shapes (and dtypes): identifies the base architecture.
+
+    A 4-bit weight's dtype reads as ``4bit-<quant type>(<dtype it dequantizes to>)``.
+    """
     rows = [
-        [name, [layer.out_features, layer.in_features]] + ([str(layer.weight.dtype)] if with_dtypes else [])
+        [name, [layer.out_features, layer.in_features]] + ([_dtype_label(layer)] if with_dtypes else [])
         for name, layer in layers
     ]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _dtype_label(layer: nn.Module) -> str:
+    if is_4bit(layer):
+        return f"4bit-{layer.weight.quant_state.quant_type}({base_dtype(layer)})"
+    return str(layer.weight.dtype)
+
+
+def base_quantization(modules) -> dict | None:
+    """How the 4-bit modules among ``modules`` were quantized (see :func:`sift_llm.sift.quantized.quantization_record`),
+    or None for a full-precision base."""
+    quantized = [module for module in modules if is_4bit(module)]
+    if not quantized:
+        return None
+    from sift_llm.sift.quantized import quantization_record
+
+    return quantization_record(quantized)
+
+
+def _layer_class(module: nn.Module) -> type[SiftLinear]:
+    """The SIFT layer class for a targeted module: SiftLinear4bit for a bitsandbytes 4-bit Linear."""
+    if is_4bit(module):
+        from sift_llm.sift.quantized import SiftLinear4bit
+
+        return SiftLinear4bit
+    return SiftLinear
 
 
 def find_targets(model: nn.Module, config: SiftConfig) -> dict[str, nn.Linear]:
