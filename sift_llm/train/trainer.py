@@ -117,6 +117,46 @@ def total_parameter_elements(model: torch.nn.Module) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
 
 
+def quantization_settings(cfg: ExperimentConfig, device: torch.device, bf16: bool, stage: int) -> dict | None:
+    """The 4-bit base's settings (``quantization_kwargs`` arguments) from ``model:``, or None for a full-precision
+    base; refuses what cannot train: full fine-tuning, and a float storage dtype DeepSpeed would cast."""
+    model = cfg.model
+    if model.quantization == "none":
+        return None
+    if cfg.method.name == "full":
+        raise UserError(
+            f"model.quantization={model.quantization}: full fine-tuning cannot train a 4-bit base (a 4-bit weight "
+            "cannot hold an update, and bitsandbytes computes no weight gradient for it); use method.name sift "
+            "(sparse increments on the 4-bit weights) or lora (QLoRA), or model.quantization none"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"model.quantization={model.quantization} needs the bitsandbytes package ({err})") from None
+    train_dtype = torch.bfloat16 if bf16 else torch.float32
+    if model.compute_dtype == "auto":
+        compute = torch.float32 if device.type == "cpu" else torch.bfloat16
+    else:
+        compute = getattr(torch, model.compute_dtype)
+    if model.quant_storage == "auto":
+        storage = train_dtype if stage == 3 else torch.uint8
+    else:
+        storage = getattr(torch, model.quant_storage)
+    name = str(train_dtype).removeprefix("torch.")
+    if stage == 3 and storage != train_dtype:
+        raise UserError(
+            f"model.quant_storage={model.quant_storage} under ZeRO-3: DeepSpeed partitions the packed 4-bit weights "
+            f"as parameters of the training dtype ({name}), so the storage must be {name} (or auto)"
+        )
+    if storage.is_floating_point and storage != train_dtype:
+        raise UserError(
+            f"model.quant_storage={model.quant_storage}: DeepSpeed casts floating parameters to the training dtype "
+            f"({name}), which would corrupt the packed 4-bit codes; use uint8, {name} or auto"
+        )
+    return {"quant_type": model.quantization, "double_quant": model.double_quant, "compute_dtype": compute,
+            "quant_storage": storage}
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
@@ -177,6 +217,7 @@ class Trainer:
                 "under ZeRO-3 the selection can only run inside the engine: use scope per_matrix (optionally "
                 "with method.sift.budget) or a ZeRO 0-2 config such as ds_configs/zero2.json"
             )
+        self.quantization = quantization_settings(cfg, self.device, self.bf16, self.zero_stage)
         self.resume_from = None
         if self.resume:
             self.resume_from = checkpoint.find(self.run_dir, self.resume if isinstance(self.resume, str) else None)
@@ -243,8 +284,25 @@ class Trainer:
 
             self._zero3_context = HfDeepSpeedConfig(self.ds)  # transformers keeps only a weak reference
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
-        if self.zero_stage != 3:
+        if self.quantization is not None:
+            # A 4-bit base: bitsandbytes quantizes every Linear but lm_head while loading, on this rank's device
+            # (transformers never builds a quantized model inside zero.Init; ZeRO-3 partitions it at initialize).
+            from sift_llm.loading import keep_4bit_layout, quantization_kwargs
+
+            kwargs = quantization_kwargs(**self.quantization, device=self.device)
+            if self.zero_stage == 3:
+                kwargs.pop("device_map")  # refused under ZeRO-3; bitsandbytes then loads onto the current device
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **kwargs)
+            keep_4bit_layout(model)  # a held-out evaluation must not switch the 4-bit layers to a gradient-less kernel
+            self.summary["quantization"] = summary = {
+                "quant_type": self.cfg.model.quantization, "double_quant": self.cfg.model.double_quant,
+                "compute_dtype": str(self.quantization["compute_dtype"]).removeprefix("torch."),
+                "quant_storage": str(self.quantization["quant_storage"]).removeprefix("torch.")}
+            log(f"model: 4-bit {summary['quant_type']} base (double quantization "
+                f"{'on' if summary['double_quant'] else 'off'}, compute {summary['compute_dtype']})")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        if self.zero_stage != 3 and self.quantization is None:
             model.to(self.device)
         model.config.use_cache = False
         if self.cfg.model.gradient_checkpointing:
