@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sift_llm.config import ExperimentConfig
+from sift_llm.errors import UserError
 from sift_llm.fsio import atomic_dir
 from sift_llm.runtime import is_rank0
 
@@ -61,14 +62,58 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
 
 
 def _write_merged(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
-    """Base + adapter merged into a standard HF directory that plain transformers loads (rank 0, CPU, fp32)."""
-    from sift_llm.loading import load_model
+    """Base + adapter merged into a standard HF directory that plain transformers loads (rank 0, CPU, fp32).
 
-    model, tokenizer, _ = load_model(model_dir, adapter_dir, device="cpu", dtype="float32")
+    On a 4-bit base: the dequantized base plus the trained increment (or LoRA product), in fp32, with a record
+    of the quantization the run trained on (``sift_llm.loading.QUANTIZATION_FILE``, ``merged: true``).
+    """
+    from sift_llm.loading import detect_adapter, load_model, read_quantization_record, write_quantization_record
+
+    quant = read_quantization_record(adapter_dir, detect_adapter(adapter_dir))
+    if quant:
+        model, tokenizer = _dequantized_merge(model_dir, adapter_dir, quant)
+    else:
+        model, tokenizer, _ = load_model(model_dir, adapter_dir, device="cpu", dtype="float32")
     with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if quant:
+            write_quantization_record(tmp, quant, merged=True)
     return out
+
+
+def _dequantized_merge(model_dir: Path, adapter_dir: Path, quant: dict):
+    """(model, tokenizer): the 4-bit base, dequantized to fp32, with the adapter folded in (CPU).
+
+    SIFT: the adapter goes onto the 4-bit base as trained, then each layer's dequantized weight takes its
+    increment. LoRA: the base is dequantized first and the LoRA product merged into it (PEFT's merge into a
+    4-bit weight would requantize the sum).
+    """
+    from sift_llm.loading import detect_adapter, load_model, quantization_kwargs
+
+    if detect_adapter(adapter_dir) == "sift":
+        from sift_llm.sift.quantized import merge_and_dequantize
+
+        model, tokenizer, _ = load_model(model_dir, adapter_dir, device="cpu", dtype="float32")
+        return merge_and_dequantize(model, torch.float32), tokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    compute = getattr(torch, quant["compute_dtype"]) if quant.get("compute_dtype") else None
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, quant["dtype"]),
+        **quantization_kwargs(quant["quant_type"], quant["double_quant"], compute, torch.uint8, torch.device("cpu")))
+    base = base.dequantize(dtype=torch.float32).to(torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _quantization(model) -> dict | None:
+    """How the model's 4-bit Linears were quantized (None for a full-precision model)."""
+    from sift_llm.sift.layer import is_4bit
+    from sift_llm.sift.model import base_quantization
+
+    return base_quantization(m for m in model.modules() if is_4bit(m))
 
 
 class Method:
@@ -182,6 +227,8 @@ class FullMethod(Method):
     name = "full"
 
     def prepare(self, model):
+        if _quantization(model) is not None:
+            raise UserError("full fine-tuning cannot train a 4-bit base (model.quantization): use method sift or lora")
         model.requires_grad_(True)
         return model
 
@@ -229,8 +276,13 @@ class LoraMethod(Method):
         out = run_dir / ADAPTER_DIR
         if is_rank0():
             state = get_peft_model_state_dict(model, state_dict=masters)
+            quant = _quantization(model)
             with atomic_dir(out, replace=True) as tmp:
                 model.save_pretrained(tmp, state_dict=state)
+                if quant:  # QLoRA: the adapter applies to the 4-bit base it trained on
+                    from sift_llm.loading import write_quantization_record
+
+                    write_quantization_record(tmp, quant)
             if save_merged:
                 _write_merged(model_dir, out, run_dir / MERGED_DIR)
         return out
