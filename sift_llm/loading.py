@@ -247,7 +247,9 @@ def load_model(
         "adapter_kind": kind,
         "device": str(dev),
         "dtype": dtype_name(torch_dtype),
-        "quantization": quant,
-        "scored": scored_description(kind, quant, read_quantization_record(model_dir) if not quant else None),
     }
+    # A 4-bit base under the adapter, or (a merged model's record) under the merged weights.
+    model_quant = None if quant else read_quantization_record(model_dir)
+    info["quantization"] = quant or model_quant
+    info["scored"] = scored_description(kind, quant, model_quant)
     return model, tokenizer, info
