@@ -302,6 +302,8 @@ def _source_lines(columns: list[Column]) -> list[str]:
             extra.append(f"{info['elapsed_s']:.0f} s")
         if info.get("heldout_skipped"):
             extra.append("held-out tasks skipped")
+        if info.get("quantization"):  # a 4-bit base: say which of the 4-bit model and the merged one was scored
+            extra.append(f"scored: {info['scored']}")
         lines.append(f"- **{column.label}**: `{what}` ({', '.join(extra)})" + "".join(f"; {n}" for n in column.notes))
     return lines
 
