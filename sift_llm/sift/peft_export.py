@@ -163,6 +163,14 @@ def export_peft(
         return _pass_through(src, base, output, replace)
 
     meta, config = _read_sift_metadata(src.adapter_dir)
+    quantization = meta["base_model"].get("quantization")
+    if quantization:
+        raise UserError(
+            f"{src.adapter_dir} was trained on a 4-bit {quantization.get('quant_type')} base: a PEFT adapter would be "
+            "applied to the full-precision base, whose weights differ from the 4-bit ones everywhere; evaluate the "
+            "adapter in memory (sift-llm eval loads the 4-bit base) or export the run's merged model "
+            "(train.save_merged: the dequantized base plus the increments)"
+        )
     skeleton = _skeleton(base)
     _check_base(skeleton, config, meta, src.adapter_dir, base)
     tensors = _read_tensors(src.adapter_dir)
