@@ -10,7 +10,7 @@ import yaml
 from sift_llm import schema
 from sift_llm.schema import ConfigError, option
 
-PARTS = ("cost", "quality", "layer_stack", "kernels", "packing")
+PARTS = ("cost", "quality", "layer_stack", "kernels", "packing", "quantized")
 
 
 @dataclass
@@ -129,6 +129,30 @@ class PackingConfig:
 
 
 @dataclass
+class QuantizedConfig:
+    """SIFT on a 4-bit (NF4) base vs QLoRA at equal trainable parameters vs SIFT on the full-precision base, through
+    the trainer (launch.sh, DeepSpeed) on the demo: peak memory, step time and held-out loss after the same steps."""
+
+    enabled: bool = option(False)
+    experiment: str = option("configs/demo.yaml", help="experiment config the runs start from")
+    quantization: str = option("nf4", help="the 4-bit format of the quantized runs: nf4 or fp4")
+    density: float = option(0.01, help="SIFT density; QLoRA's rank is the one whose parameter count is nearest")
+    steps: int = option(24, min=1, help="optimizer steps per run")
+    micro_batch_size: int = option(4, min=1)
+    max_length: int = option(256, min=8)
+    ranks: int = option(2, min=1)
+    validation_size: int = option(48, min=1, help="held-out examples (all of them are evaluated)")
+    eval_every: int = option(12, min=1, help="steps between held-out losses")
+    learning_rate: float = option(2e-4, help="learning rate of every run (SIFT and LoRA: the paper's 2e-4)")
+    warmup_steps: int = option(3, min=0, help="steps left out of the step-time median")
+    rounds: int = option(1, min=1, help="rounds of all runs, alternated (odd rounds reversed); medians over rounds")
+    full_precision: bool = option(True, help="also run SIFT on the full-precision base")
+    deepspeed_config: str = option("ds_configs/zero2.json")
+    memory_goal: float = option(1.10, help="target SIFT-4bit / QLoRA peak memory")
+    step_time_goal: float = option(1.15, help="target SIFT-4bit / QLoRA step time")
+
+
+@dataclass
 class BenchConfig:
     name: str = option("bench", help="label of this run in the report")
     output_dir: str = option("benchmarks/results/cpu", help="where bench.json, bench.md and bench.png go")
@@ -138,6 +162,7 @@ class BenchConfig:
     layer_stack: LayerStackConfig = field(default_factory=LayerStackConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    quantized: QuantizedConfig = field(default_factory=QuantizedConfig)
 
     def enabled_parts(self) -> list[str]:
         return [part for part in PARTS if getattr(self, part).enabled]

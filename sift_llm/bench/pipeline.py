@@ -52,6 +52,10 @@ def run_part(cfg: BenchConfig, part: str) -> dict:
         from sift_llm.bench.packing import run_packing
 
         return run_packing(cfg)
+    if part == "quantized":
+        from sift_llm.bench.quantized import run_quantized
+
+        return run_quantized(cfg)
     from sift_llm.bench.kernels import run_kernels
 
     return run_kernels(cfg.kernels)

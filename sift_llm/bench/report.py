@@ -230,6 +230,10 @@ def render_markdown(results: dict) -> str:
                           ("kernels", kernels_section), ("packing", packing_section)):
         if name in parts:
             lines += section(parts[name]) + [""]
+    if "quantized" in parts:
+        from sift_llm.bench.quantized import quantized_section
+
+        lines += quantized_section(parts["quantized"]) + [""]
     return "\n".join(lines)
 
 
