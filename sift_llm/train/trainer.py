@@ -18,6 +18,7 @@ Two rules shape the loop:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -90,6 +91,19 @@ def learned_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def _remove_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, 66 MiB per rank and master port).
+
+    DeepSpeed's shared-memory all-reduce creates one named segment per rank and never unlinks it, so every
+    run leaves them behind in RAM-backed /dev/shm until the machine runs out of memory. Every peer mapped
+    it while the process group started, so unlinking the name now frees the memory once all have exited.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
 def end_process(code: int) -> None:
     """Leave the process group and exit at once, skipping the interpreter's teardown.
 
@@ -102,6 +116,7 @@ def end_process(code: int) -> None:
     import sys
 
     if torch.distributed.is_initialized():
+        _remove_shm_buffer()
         torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -356,7 +371,14 @@ class Trainer:
             self.select(self.engine.module)
 
     def select(self, module: torch.nn.Module) -> None:
-        """SIFT's selection on the first optimizer batch (all its micro-batches on every rank), token-weighted."""
+        """SIFT's selection on the first optimizer batch (all its micro-batches on every rank), token-weighted.
+
+        selection.json also records each rank's peak memory from the process start to here (loading the model
+        and, for per-matrix scope, building the engine), read before the selection's own window opens.
+        """
+        from sift_llm.train.metrics import peak_memory
+
+        loading = self._per_rank(peak_memory(self.device))
         self.callbacks.on_selection_start(self)
         batches = []
         for index in range(self.method.calibration_batches):
@@ -366,6 +388,7 @@ class Trainer:
         self.method.select(module, batches, micro_batches=self.accumulation)
         report = self.method.report
         report["resident_parameter_elements"] = self._per_rank(resident_parameter_elements(module))
+        report["load_peak_memory"] = {key: [entry.get(key) for entry in loading] for key in loading[0]}
         self.callbacks.on_selection_end(self, report)
         if is_rank0():
             atomic_write_json(self.run_dir / "selection.json", report)

@@ -20,7 +20,8 @@ def test_two_rank_sift_run_learns_and_writes_outputs(make_config, stage):
         "config": f"ds_configs/zero{stage}.json",
         "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {},
     })
-    launched(config)
+    result = launched(config)
+    assert result.leftover_shm == []  # DeepSpeed's 66 MiB-per-rank /dev/shm buffers are unlinked at exit
     run_dir = config.parent / f"zero{stage}"
     losses = _losses(run_dir)
     assert len(losses) == 10

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from train_support import REPO, free_port, launch, launched
+from train_support import REPO, free_port, launch, launched, remove_shm_buffers
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ def test_two_nodes_train_what_one_node_with_two_ranks_trains(make_config, tmp_pa
         nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    remove_shm_buffers(int(port))
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
     assert "2 rank(s)" in outputs[0]

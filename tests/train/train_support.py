@@ -58,10 +58,23 @@ def free_port() -> int:
 
 def launch(config: Path, *args: str, ranks: int = 2, env: dict | None = None, timeout: int = 400):
     """Run launch.sh exactly as a user would: the deepspeed launcher with ``ranks`` local CPU ranks."""
+    port = free_port()
     command = ["bash", str(REPO / "launch.sh"), str(config), "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), *args]
+               "--master_port", str(port), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        # What the run itself left in /dev/shm (a finished run unlinks its buffers; a killed one cannot).
+        result.leftover_shm = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        return result
+    finally:
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> None:
+    """A killed run cannot unlink its DeepSpeed /dev/shm all-reduce buffers (66 MiB per rank): do it for it."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def launched(config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
