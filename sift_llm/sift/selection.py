@@ -12,14 +12,16 @@ each micro-batch's forward and backward on the token-weighted loss (summed token
 learned tokens of the whole batch, as in training), so G is the gradient of the first optimizer step, and
 the choice equals a single process's choice on the concatenated batch.
 
-**Data parallelism.** Each micro-batch's G is reduce-scattered: every rank keeps the sum over ranks of its
-own contiguous slice of the flat matrix (an fp32 accumulator of ``numel / world`` entries while a batch
-spans several micro-batches). Per-matrix scope then scores only its slice, takes its local top-k by a
-threshold (k-th largest value), and the ranks all-gather those candidates; every rank merges the same
-candidates with the same rule, so all ranks hold identical indices without a broadcast, and a cheap
-checksum at :meth:`finalize` proves it. Global scope gathers each matrix's slices back to the whole matrix
-(one at a time) and keeps a running pool of the best candidates with a threshold, so its total cost is
-about one selection over the budget rather than one re-sort of the pool per matrix.
+**Data parallelism.** Each micro-batch's G is reduced to slices: every rank keeps the sum over ranks of its
+own contiguous slice of the flat matrix (on gloo by an all-to-all of the slices and a local sum, 2-3x faster
+than gloo's reduce-scatter; the exchange of one matrix runs while autograd computes the next). Per-matrix
+scope then scores only its slice and keeps a small superset of its local top-k (a threshold from a strided
+sample, checked, so exact whatever the data); at :meth:`finalize` the ranks find every matrix's exact k-th
+largest score by a few rounds of histograms over the candidates (one all-reduce of a small table a round),
+and all-gather only the chosen positions, so every rank holds the single-process choice without exchanging
+scores, and a cheap checksum proves the ranks agree. Global scope all-reduces each matrix (one at a time)
+and keeps a running pool of the best candidates with a threshold, so its total cost is about one selection
+over the budget rather than one re-sort of the pool per matrix.
 
 Scores, with G the gradient of one whole batch:
 
@@ -105,16 +107,64 @@ def top_k_by_key(scores: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tens
     return torch.cat([above, tied])
 
 
-def weight_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, padded_numel: int | None = None) -> torch.Tensor:
+# The strided sample that places a candidate threshold: a stride coprime with the power-of-two row lengths of
+# transformer matrices visits every column (gradients are column-structured: outlier input features).
+_SAMPLE_STRIDE = 31
+_MIN_SAMPLED = 64  # expected sampled entries above the k-th largest below which the exact path is used
+_MERGE_BINS = 1024  # buckets per matrix and round of the exact merge (4 rounds cover the 2^31 fp32 bit patterns)
+
+
+def top_k_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """(ascending positions, floor): a small superset of the ``k`` best entries, for an exact merge later.
+
+    Guarantees, whatever the data: every entry scoring above ``floor`` is a candidate; the candidates scoring
+    exactly ``floor`` are the lowest-positioned entries with that score; and at least ``min(k, n)`` candidates
+    score ``>= floor`` (``floor`` is -inf when every entry is a candidate). So the set holds the top-k with ties
+    to the lower position, and counts of candidates above any value greater than ``floor`` are exact.
+
+    On a CPU the threshold comes from a strided sample (one compare pass and one compaction over ``scores``
+    instead of a selection over all of them, 5-10x cheaper than ``kthvalue``); the sample's estimate is set a
+    few standard deviations low, and when it still falls short (or ``k`` is small) the exact top-k is taken.
+    """
+    n = scores.numel()
+    if k >= n:
+        return torch.arange(n, device=scores.device), -math.inf
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device), math.inf
+    expected = k / _SAMPLE_STRIDE
+    if scores.device.type == "cpu" and expected >= _MIN_SAMPLED:
+        sample = scores[::_SAMPLE_STRIDE]
+        rank = min(sample.numel(), math.ceil(expected * (sample.numel() * _SAMPLE_STRIDE / n) + 3 * math.sqrt(expected) + 8))
+        floor = kth_largest(sample, rank)
+        keep = torch.nonzero(scores >= floor).squeeze(1)
+        count = keep.numel()
+        if k <= count <= 2 * k + 1024:
+            return keep, float(floor)
+        if count > k:  # far too many (massive ties at the sampled value): cut to the exact top-k of the candidates
+            kept = scores[keep]
+            best = top_k_positions(kept, k)
+            return keep[best], float(kept[best].min())
+    best = top_k_positions(scores, k)
+    return best, float(scores[best].min())
+
+
+def weight_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, padded_numel: int | None = None,
+                    buffer: torch.Tensor | None = None) -> torch.Tensor:
     """``(grad_out^T @ inputs).flatten()`` in fp32, optionally zero-padded to ``padded_numel`` entries.
 
     ``grad_out`` is (tokens, out), ``inputs`` (tokens, in). Narrow inputs are multiplied with fp32
     accumulation and an fp32 result (tensor cores where the device offers an fp32-output product, an
-    exact upcast elsewhere), so scores never carry bf16 rounding.
+    exact upcast elsewhere), so scores never carry bf16 rounding. ``buffer``: a flat fp32 tensor of at least
+    that many entries to write into (a view of it is returned), so that no matrix-sized allocation (and, on a
+    CPU, no fresh zeroed pages) is paid per matrix.
     """
     out_features, in_features = grad_out.shape[1], inputs.shape[1]
     numel = out_features * in_features
-    flat = torch.empty(max(numel, padded_numel or 0), dtype=torch.float32, device=grad_out.device)
+    size = max(numel, padded_numel or 0)
+    if buffer is not None and buffer.numel() >= size:
+        flat = buffer[:size]
+    else:
+        flat = torch.empty(size, dtype=torch.float32, device=grad_out.device)
     if flat.numel() > numel:
         flat[numel:].zero_()
     target = flat[:numel].view(out_features, in_features)
@@ -215,6 +265,11 @@ class _MatrixState:
     grad_sq: torch.Tensor | None = None  # g^2 summed over batches at the pool, fp32
     totals: list[torch.Tensor] = field(default_factory=list)  # per batch: (score sum, sum g^2) over the slice
     kept: torch.Tensor | None = None  # (score, g^2) summed at the chosen positions of the slice
+    # Single-batch per-matrix scope: this rank's candidates (top_k_candidates), merged exactly at finalize.
+    cand_pos: torch.Tensor | None = None  # ascending positions in the slice (int32 where they fit)
+    cand_score: torch.Tensor | None = None
+    cand_grad_sq: torch.Tensor | None = None  # g^2 there, kept only for metrics whose score does not give it
+    floor: float = -math.inf
 
 
 class Selector:
@@ -264,6 +319,11 @@ class Selector:
         self._global_count = 0
         self._global_threshold: torch.Tensor | None = None
         self.probe = torch.zeros((), requires_grad=True)
+        self._largest = max((st.padded if self.sharded else st.layer.numel_weight) for st in self._states.values()) \
+            if self._states else 0
+        self._buffers: dict[str, torch.Tensor] = {}  # flat fp32 work space of the largest matrix, reused
+        self._pending: tuple[_MatrixState, Callable[[], torch.Tensor]] | None = None  # an exchange in flight
+        self._flip = 0
         self._started: float | None = None
         self._finalized = False
 
@@ -288,7 +348,9 @@ class Selector:
             state.layer._observer = self
         try:
             yield self
+            self._complete_pending()
         finally:
+            self._pending = None  # after an error the peers may never complete it
             for state in self._states.values():
                 state.layer._observer = None
             for param in paused:
@@ -299,6 +361,7 @@ class Selector:
 
         ``grad_out`` is (tokens, out) and ``inputs`` (tokens, in); ``weight`` the (gathered) base weight.
         """
+        self._complete_pending()
         state = self._states[layer.sift_name]
         if state.batches >= self.config.calibration_batches:
             raise UserError(
@@ -306,11 +369,31 @@ class Selector:
                 f"{self.config.calibration_batches} (x {self.micro_batches} micro-batches; or the layer ran twice "
                 "in one forward)"
             )
-        grad = weight_gradient(grad_out, inputs, state.padded if self.world > 1 else None)
-        part = self._reduce_to_slice(state, grad)
-        del grad
+        # Under data parallelism the exchange of this matrix runs while autograd computes the next one (two sets
+        # of work buffers, alternating), unless the metric reads the weight, which ZeRO-3 may release meanwhile.
+        overlap = self.world > 1 and self.config.metric not in ("snip", "weight_abs")
+        tag = self._flip if overlap else 0
+        self._flip ^= overlap
+        grad = weight_gradient(grad_out, inputs, state.padded if self.sharded else None,
+                               self._buffer(f"grad{tag}", state))
+        result = self._reduce_to_slice(state, grad, tag, overlap)
+        if overlap:
+            self._pending = (state, result)
+        else:
+            self._absorb(state, result(), weight)
+
+    def _complete_pending(self) -> None:
+        """Finish the previous matrix's exchange (it ran during the next matrix's backward) and fold it in."""
+        if self._pending is not None:
+            state, result = self._pending
+            self._pending = None
+            self._absorb(state, result(), None)
+
+    def _absorb(self, state: _MatrixState, part: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """One micro-batch's reduced gradient (slice) into the batch sum; a complete batch into the selection."""
         if state.acc is None:
-            state.acc = part
+            # The work buffers are reused by later matrices: a batch of several micro-batches needs its own sum.
+            state.acc = part.clone() if self.micro_batches > 1 else part
         else:
             state.acc += part
         state.micro += 1
@@ -324,16 +407,19 @@ class Selector:
         if self._finalized:
             raise UserError("Selector.finalize() was already called")
         start = time.perf_counter()
+        self._complete_pending()
         self._check_batches()
         states = list(self._states.values())
         totals = self._reduced_totals(states)
         self._check_finite(states, totals)
         if self.config.scope == "global":
             self._finish_global(states)
+        elif self.config.accumulates:
+            for state in states:  # accumulated metric: the best of the pool
+                self._choose_from_pool(state)
         else:
-            for state in states:
-                if state.chosen is None:  # accumulated metric: the best of the pool
-                    self._choose_from_pool(state)
+            self._merge_candidates(states)
+        self._buffers.clear()
         self._check_agreement(states)
         for state in states:
             state.layer.set_selection(state.chosen)
@@ -348,21 +434,45 @@ class Selector:
     def _distributed_available() -> bool:
         return dist.is_available() and dist.is_initialized()
 
-    def _reduce_to_slice(self, state: _MatrixState, grad: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the gradient summed over ranks (the whole matrix when not sharding)."""
-        if self.world == 1:
-            return grad
-        part = torch.empty(state.padded // self.world, dtype=grad.dtype, device=grad.device)
-        _reduce_scatter(part, grad, group=self.group)
-        return part[: state.hi - state.lo] if self.sharded else part
+    def _buffer(self, name: str, state: _MatrixState) -> torch.Tensor:
+        """A flat fp32 work buffer on the layer's device, sized for the largest matrix (allocated once)."""
+        device = state.layer.weight.device
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(self._largest, dtype=torch.float32, device=device)
+        return buffer
 
-    def _whole(self, state: _MatrixState, part: torch.Tensor) -> torch.Tensor:
-        """The whole flat matrix from every rank's slice (global scope under data parallelism)."""
+    def _reduce_to_slice(self, state: _MatrixState, grad: torch.Tensor, tag: int = 0,
+                         asynchronous: bool = False) -> Callable[[], torch.Tensor]:
+        """A callable giving this rank's slice of the gradient summed over ranks (the whole matrix when not
+        sharding); with ``asynchronous`` the collective is started now and the callable waits for it.
+
+        Global scope needs the whole sum on every rank: one all-reduce. Per-matrix scope needs only this rank's
+        slice: a reduce-scatter, which gloo (CPU) runs 2-3x slower than an all-to-all of the slices followed by
+        a local sum, so on gloo the slices are exchanged and added here (the same bytes, the same sum).
+        """
         if self.world == 1:
-            return part
-        whole = torch.empty(state.padded, dtype=part.dtype, device=part.device)
-        _all_gather(whole, part, group=self.group)
-        return whole[: state.layer.numel_weight]
+            return lambda: grad
+        if not self.sharded:
+            work = dist.all_reduce(grad, group=self.group, async_op=asynchronous)
+            whole = grad[: state.layer.numel_weight]
+            return lambda: (work.wait() if asynchronous else None, whole)[1]
+        size = state.padded // self.world
+        if dist.get_backend(self.group) == "gloo":
+            received = self._buffer(f"received{tag}", state)[: state.padded]
+            work = dist.all_to_all_single(received, grad, group=self.group, async_op=asynchronous)
+
+            def combine() -> torch.Tensor:
+                if asynchronous:
+                    work.wait()
+                chunks = received.view(self.world, size)
+                part = torch.sum(chunks, dim=0) if self.world > 2 else torch.add(chunks[0], chunks[1], out=grad[:size])
+                return part[: state.hi - state.lo]
+
+            return combine if asynchronous else (lambda part=combine(): part)
+        part = self._buffer(f"received{tag}", state)[:size]
+        work = _reduce_scatter(part, grad, group=self.group, async_op=asynchronous)
+        return lambda: (work.wait() if asynchronous else None, part[: state.hi - state.lo])[1]
 
     def _score(self, state: _MatrixState, grad: torch.Tensor, weight: torch.Tensor):
         """(score over the slice, sum of g^2 over it, f(positions) -> g^2 there); may overwrite ``grad``."""
@@ -385,8 +495,6 @@ class Selector:
 
     def _fold(self, state: _MatrixState, grad: torch.Tensor, weight: torch.Tensor) -> None:
         """One complete batch gradient (this rank's slice, or the whole matrix) into the matrix's state."""
-        if self.config.scope == "global":
-            grad = self._whole(state, grad)
         score, grad_sq_total, grad_sq_at = self._score(state, grad, weight)
         # One pass serves the report and the finiteness check: a sum is finite only if every entry is.
         totals = torch.stack([score.sum(), grad_sq_total])
@@ -408,15 +516,19 @@ class Selector:
             state.score += score[state.pool]
             state.grad_sq += grad_sq_at(state.pool)
             return
+        if not self.config.accumulates:
+            # This rank's candidates only; finalize merges every matrix's across ranks in a few collectives.
+            positions, state.floor = top_k_candidates(score, k)
+            state.cand_score = score[positions]
+            if self.config.metric not in ("grad_abs", "grad_abs_sum", "fisher"):
+                state.cand_grad_sq = grad_sq_at(positions)
+            state.cand_pos = positions.to(torch.int32) if score.numel() < 2**31 else positions
+            return
         numel = state.layer.numel_weight
-        size = min(numel, math.ceil(self.config.pool_factor * k)) if self.config.accumulates else k
+        size = min(numel, math.ceil(self.config.pool_factor * k))
         nominated = self._top_k(score, size, offset=state.lo)
         local = self._local(state, nominated)
-        if self.config.accumulates:
-            state.pool, state.score, state.grad_sq = local, score[local], grad_sq_at(local)
-        else:
-            state.chosen = nominated
-            state.kept = torch.stack([score[local].sum(), grad_sq_at(local).sum()])
+        state.pool, state.score, state.grad_sq = local, score[local], grad_sq_at(local)
 
     def _local(self, state: _MatrixState, positions: torch.Tensor) -> torch.Tensor:
         """The positions that fall in this rank's slice, relative to its start."""
@@ -461,6 +573,116 @@ class Selector:
         state.chosen = self._top_k(state.score, state.layer.k, positions=state.pool + state.lo)
         mine = torch.isin(state.pool + state.lo, state.chosen)
         state.kept = torch.stack([state.score[mine].sum(), state.grad_sq[mine].sum()])
+
+    # -- per-matrix scope, one batch: the exact merge of every rank's candidates ------------------------------
+
+    def _merge_candidates(self, states: list[_MatrixState]) -> None:
+        """Every matrix's top-k over all ranks' slices, identical on every rank, from the candidates alone.
+
+        The k-th largest score of each matrix (``tau``) is found by bisection on the scores' bit patterns (the
+        scores are non-negative, so their fp32 bits order like their values): each round counts, per matrix,
+        the candidates scoring at least the midpoint and sums the counts over ranks in one all-reduce of a
+        (matrices,) vector, about 30 rounds in all. The counts are exact above every rank's candidate floor
+        (:func:`top_k_candidates`) and the search never goes below the largest floor, so ``tau`` is exactly the
+        single-process k-th largest. Entries above ``tau`` are chosen; ties at ``tau`` go to the lowest
+        positions, i.e. to the lower ranks' slices first. Finally each rank's chosen positions are all-gathered
+        (4 or 8 B per selected entry in all), so ranks exchange neither whole gradients nor candidate scores.
+        """
+        device = states[0].cand_score.device
+        ks = torch.tensor([state.layer.k for state in states], dtype=torch.int64, device=device)
+        bits = [state.cand_score.view(torch.int32) for state in states]
+        # lo: the largest floor over ranks (0 = +0.0 where every entry is a candidate); hi: one past the largest score.
+        floors = torch.tensor([state.floor if state.floor > -math.inf else 0.0 for state in states],
+                              dtype=torch.float32, device=device).view(torch.int32).to(torch.int64)
+        tops = torch.stack([b.max().to(torch.int64) if b.numel() else torch.tensor(-1, device=device) for b in bits])
+        bounds = torch.stack([floors, tops + 1])
+        if self.world > 1:
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.group)
+        lo, hi = bounds[0], bounds[1]
+        numels = torch.tensor([state.layer.numel_weight for state in states], dtype=torch.int64, device=device)
+        trivial = (ks <= 0) | (ks >= numels)
+        hi = torch.where(trivial, lo + 1, torch.maximum(hi, lo + 1))
+        # Narrow [lo, hi) per matrix with histograms of the candidates' bits: _MERGE_BINS buckets a round, summed
+        # over ranks in one all-reduce of a (matrices, buckets + 1) table, so about 4 rounds find every tau.
+        bins = _MERGE_BINS
+        lows, highs, need_k = lo.tolist(), hi.tolist(), ks.tolist()
+        windows = list(bits)  # this rank's candidates inside [lo, hi), per matrix
+        above_mine = [0] * len(states)  # this rank's candidates at or above hi
+        while True:
+            active = [i for i in range(len(states)) if highs[i] - lows[i] > 1]
+            if not active:
+                break
+            table = torch.zeros(len(states), bins + 1, dtype=torch.int64, device=device)
+            steps = {}
+            for i in active:
+                window = windows[i]
+                window = windows[i] = window[(window >= lows[i]) & (window < highs[i])]
+                steps[i] = step = -(-(highs[i] - lows[i]) // bins)
+                table[i, :bins] = torch.bincount((window.to(torch.int64) - lows[i]) // step, minlength=bins)
+                table[i, bins] = above_mine[i]
+            mine = table.clone() if self.world > 1 else table
+            if self.world > 1:
+                dist.all_reduce(table, group=self.group)
+            suffixes = table[:, :bins].flip(1).cumsum(1).flip(1) + table[:, bins : bins + 1]  # count >= bucket start
+            for i in active:
+                j = int(torch.nonzero(suffixes[i] >= need_k[i]).max())  # bucket 0 always qualifies
+                above_mine[i] += int(mine[i, j + 1 : bins].sum())
+                lows[i], highs[i] = lows[i] + j * steps[i], min(highs[i], lows[i] + (j + 1) * steps[i])
+        lo = torch.tensor(lows, dtype=torch.int64, device=device)
+        tau = lo
+        above = torch.stack([(b > t).sum() for b, t in zip(bits, tau, strict=True)])
+        ties = torch.stack([(b == t).sum() for b, t in zip(bits, tau, strict=True)])
+        if self.world > 1:
+            per_rank = torch.empty(self.world * 2 * len(states), dtype=torch.int64, device=device)
+            _all_gather(per_rank, torch.stack([above, ties]).reshape(-1), group=self.group)
+            per_rank = per_rank.view(self.world, 2, len(states))
+            need = ks - per_rank[:, 0].sum(dim=0)
+            before = per_rank[: self.rank, 1].sum(dim=0)
+        else:
+            need, before = ks - above, torch.zeros_like(ks)
+        take = (need - before).clamp(min=0).minimum(ties)
+        chosen = []
+        for i, state in enumerate(states):
+            k = state.layer.k
+            if k >= state.layer.numel_weight:  # every entry (the candidates are this rank's whole slice)
+                mine = torch.arange(state.cand_pos.numel(), device=device)
+            elif k <= 0:
+                mine = torch.empty(0, dtype=torch.int64, device=device)
+            else:
+                tied = bits[i] == tau[i]
+                mine = torch.nonzero((bits[i] > tau[i]) | (tied & (tied.cumsum(0) <= take[i]))).squeeze(1)
+            state.kept = torch.stack([state.cand_score[mine].sum(), self._cand_grad_sq(state, mine).sum()])
+            chosen.append(state.cand_pos[mine].to(torch.int64) + state.lo)
+            state.cand_pos = state.cand_score = state.cand_grad_sq = None
+        for state, indices in zip(states, self._gather_chosen(chosen, device), strict=True):
+            state.chosen = indices
+
+    def _cand_grad_sq(self, state: _MatrixState, at: torch.Tensor) -> torch.Tensor:
+        """g^2 at the candidates ``at``, from the score where the metric gives it."""
+        if state.cand_grad_sq is not None:
+            return state.cand_grad_sq[at]
+        if self.config.metric == "fisher":
+            return state.cand_score[at]
+        return state.cand_score[at].square()  # grad_abs: the score is |g|
+
+    def _gather_chosen(self, chosen: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Every matrix's chosen positions from all ranks' parts (each sorted, slices in rank order)."""
+        if self.world == 1:
+            return chosen
+        counts = torch.tensor([c.numel() for c in chosen], dtype=torch.int64, device=device)
+        per_rank = torch.empty(self.world * len(chosen), dtype=torch.int64, device=device)
+        _all_gather(per_rank, counts, group=self.group)
+        per_rank = per_rank.view(self.world, len(chosen))
+        narrow = all(state.layer.numel_weight < 2**31 for state in self._states.values())
+        flat = torch.cat(chosen).to(torch.int32 if narrow else torch.int64)
+        totals = per_rank.sum(dim=1).tolist()
+        longest = max(totals)
+        padded = torch.zeros(longest, dtype=flat.dtype, device=device)
+        padded[: flat.numel()] = flat
+        gathered = torch.empty(self.world * longest, dtype=flat.dtype, device=device)
+        _all_gather(gathered, padded, group=self.group)
+        pieces = [gathered[r * longest : r * longest + totals[r]].split(per_rank[r].tolist()) for r in range(self.world)]
+        return [torch.cat([pieces[r][i] for r in range(self.world)]).to(torch.int64) for i in range(len(chosen))]
 
     # -- global scope ----------------------------------------------------------------------------------------
 
