@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sift_llm import schema
+from sift_llm import resources, schema
 from sift_llm.analysis.config import AnalysisConfig
 from sift_llm.data.config import DataConfig
 from sift_llm.evaluation.config import EvalConfig
@@ -113,9 +113,10 @@ class ExperimentConfig:
 
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML file; a parse error names the file and line."""
-    path = Path(path)
+    candidate = Path(path)
+    path = candidate if candidate.is_file() or candidate.is_absolute() else resources.shipped(candidate)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{candidate}: no such config file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sift_llm import resources
 from sift_llm.errors import UserError
 
 LIKELIHOOD = "heldout_likelihood"
@@ -30,7 +31,7 @@ GENERATION = "heldout_generation"
 TASKS = (LIKELIHOOD, GENERATION)
 GROUP = "heldout"
 TASK_VERSION = 1
-COMMITTED_TASK_DIR = Path(__file__).resolve().parents[2] / "eval" / GROUP
+COMMITTED_TASK_DIR = resources.shipped("eval") / GROUP  # <repo>/eval/heldout, shipped with the package
 IGNORE_INDEX = -100
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sift_llm import resources
 from sift_llm.errors import UserError
 from sift_llm.fsio import read_jsonl_objects
 
@@ -102,8 +103,8 @@ LETTERS = ("A", "B", "C", "D")
 # cached-result fingerprint through the task files' content.
 TASK_VERSION = 1
 
-# The committed task directory: <repo>/eval/mmlu_offline next to the sift_llm package.
-COMMITTED_TASK_DIR = Path(__file__).resolve().parents[2] / "eval" / GROUP
+# The committed task directory: <repo>/eval/mmlu_offline, shipped with the package (sift_llm.resources).
+COMMITTED_TASK_DIR = resources.shipped("eval") / GROUP
 
 
 def task_name(subject: str) -> str:

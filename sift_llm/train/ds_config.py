@@ -7,19 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sift_llm import resources
+from sift_llm.errors import UserError
 from sift_llm.schema import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def locate(path: str) -> Path:
-    """A DeepSpeed JSON path as given, else relative to the repository (so ds_configs/zero2.json works anywhere)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return candidate
-    if not candidate.is_absolute() and (REPO_ROOT / candidate).is_file():
-        return REPO_ROOT / candidate
-    raise ConfigError(f"deepspeed.config: no such file {path!r}")
+    """A DeepSpeed JSON path as given, else a shipped one (so ds_configs/zero2.json works anywhere)."""
+    try:
+        return resources.locate(path, "deepspeed.config")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _merge(base: dict, extra: dict) -> dict:
