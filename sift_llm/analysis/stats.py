@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-def top_count(density: float, numel: int) -> int:
-    """Entries a density keeps in a matrix of ``numel`` entries (the rule ``sift.density`` uses)."""
-    return min(numel, max(1, round(density * numel)))
+from sift_llm.sift.config import density_count
+from sift_llm.sift.layer import index_dtype
+from sift_llm.sift.selection import top_k_positions
 
 
 def density_grid(per_decade: int = 80, decades: int = 5, extra: list[float] = ()) -> list[float]:
@@ -45,20 +44,12 @@ def sorted_descending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, descending=True).values
 
 
-def ranked_top(magnitude: torch.Tensor, k: int, threshold: torch.Tensor) -> torch.Tensor:
-    """Positions of the ``k`` largest values, largest first; equal values go lower position first (SIFT's rule).
-
-    ``threshold`` is the k-th largest value (from the sorted values), so only O(k) entries are ranked.
-    """
-    above = torch.nonzero(magnitude > threshold).squeeze(1)
-    tied = torch.nonzero(magnitude == threshold).squeeze(1)[: k - above.numel()]
-    positions = torch.cat([above, tied])  # ascending positions within each part; tied values are the smallest
+def ranked_top(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest values, largest first; which ``k`` is SIFT's own choice (ties to the lower
+    position), and only those O(k) entries are ranked."""
+    positions = top_k_positions(magnitude, k)  # ascending positions
     order = torch.sort(magnitude[positions], descending=True, stable=True).indices
     return positions[order]
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 @dataclass
@@ -93,11 +84,11 @@ class MatrixTracker:
 
     def __post_init__(self) -> None:
         n = self.numel
-        self._share_k = [top_count(s, n) for s in self.shares]
-        self._grid_k = [top_count(d, n) for d in self.grid]
-        self._cover_k = top_count(self.coverage_share, n)
-        self._first_k = top_count(self.cover_max, n)
-        self._first_grid_k = [top_count(d, n) for d in self.grid if d <= self.cover_max]
+        self._share_k = [density_count(s, n) for s in self.shares]
+        self._grid_k = [density_count(d, n) for d in self.grid]
+        self._cover_k = density_count(self.coverage_share, n)
+        self._first_k = density_count(self.cover_max, n)
+        self._first_grid_k = [density_count(d, n) for d in self.grid if d <= self.cover_max]
 
     @property
     def numel(self) -> int:
@@ -131,13 +122,13 @@ class MatrixTracker:
         cover_own_sq = float(cum_sq[self._cover_k - 1])
 
         if self.first_order is None:  # batch 1: its top set is the reference kept for later batches
-            ranked = ranked_top(magnitude, self._first_k, values[self._first_k - 1])
-            self.first_order = ranked.to(_index_dtype(self.numel))
+            ranked = ranked_top(magnitude, self._first_k)
+            self.first_order = ranked.to(index_dtype(self.numel))
             own_set = ranked[: self._cover_k]
             cover_first_sq = cover_own_sq
             first_grid_sq = at(cum_sq, self._first_grid_k)
         else:
-            own_set = ranked_top(magnitude, self._cover_k, values[self._cover_k - 1])
+            own_set = ranked_top(magnitude, self._cover_k)
             picked = flat[self.first_order.long()].double().square().cumsum(0)
             cover_first_sq = float(picked[self._cover_k - 1])
             first_grid_sq = at(picked, self._first_grid_k)
@@ -155,7 +146,7 @@ class MatrixTracker:
             cover_first_sq=cover_first_sq,
             first_grid_sq=first_grid_sq,
         )
-        self.top_sets.append(own_set.sort().values.to("cpu", _index_dtype(self.numel)))
+        self.top_sets.append(own_set.sort().values.to("cpu", index_dtype(self.numel)))
         self.records.append(record)
         return record
 

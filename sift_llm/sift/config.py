@@ -101,6 +101,11 @@ class SiftConfig:
         return self.calibration_batches > 1
 
 
+def density_count(density: float, numel: int) -> int:
+    """Entries a density keeps in a matrix of ``numel`` entries: rounded, at least one, at most all."""
+    return min(numel, max(1, round(density * numel)))
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """True when a module name equals or ends with a pattern (as a dotted suffix) or fully matches it as a regex."""
     return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)

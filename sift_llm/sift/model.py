@@ -14,7 +14,7 @@ from torch import nn
 
 from sift_llm import runtime
 from sift_llm.errors import UserError
-from sift_llm.sift.config import SiftConfig, matches
+from sift_llm.sift.config import SiftConfig, density_count, matches
 from sift_llm.sift.layer import SiftLinear, base_dtype, base_values, is_4bit
 from sift_llm.sift.memory import StateReport, trainable_state_report
 from sift_llm.sift.selection import Selector
@@ -153,7 +153,7 @@ def attach_sift(model: nn.Module, config: SiftConfig, *, base_name: str | None =
         raise UserError(f"sift budget {config.budget:,} exceeds the {total:,} entries of the targeted matrices")
     if config.scope == "global":
         counts = [0] * len(numels)  # fixed by the selection
-        global_budget = config.budget or min(total, max(1, round(config.density * total)))
+        global_budget = config.budget or density_count(config.density, total)
     else:
         counts = _per_matrix_counts(numels, config)
         global_budget = sum(counts)
@@ -256,7 +256,7 @@ def _dense_modules(model: nn.Module, config: SiftConfig, targets: Mapping[str, n
 def _per_matrix_counts(numels: list[int], config: SiftConfig) -> list[int]:
     """Entries per matrix: density of each matrix, or the budget split in proportion to matrix size."""
     if config.budget is None:
-        return [min(n, max(1, round(config.density * n))) for n in numels]
+        return [density_count(config.density, n) for n in numels]
     total = sum(numels)
     shares = [config.budget * n / total for n in numels]
     counts = [math.floor(s) for s in shares]

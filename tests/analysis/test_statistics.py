@@ -10,7 +10,8 @@ import torch
 import tiny
 from sift_llm.analysis.config import AnalysisConfig
 from sift_llm.analysis.gradients import gradient_statistics
-from sift_llm.analysis.stats import MatrixTracker, top_count
+from sift_llm.analysis.stats import MatrixTracker
+from sift_llm.sift.config import density_count as top_count
 from sift_llm.analysis.summarize import share_label, summarize_model
 from sift_llm.runtime import default_device
 from sift_llm.sift import attach_sift
