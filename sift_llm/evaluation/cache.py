@@ -74,7 +74,7 @@ def tree_identity(root: Path, memo: DigestMemo) -> list[list]:
     return [[f.relative_to(root).as_posix(), f.stat().st_size, memo.digest(f)] for f in _files(root)]
 
 
-def base_fingerprint(model_dir: str | os.PathLike, cfg: EvalConfig,
+def base_results_key(model_dir: str | os.PathLike, cfg: EvalConfig,
                      heldout: HeldOutSource | None = None) -> tuple[str, dict[str, Any]]:
     """(short key, the parts it hashes) for base-model results under ``cfg`` (and the held-out tasks on
     ``heldout``'s dataset, identified by the data stage's fingerprint)."""

@@ -214,7 +214,7 @@ def evaluate_base(
     if not cfg.cache_base:
         return evaluate_model(model_dir, cfg, output_path=output_path, heldout=heldout)
     check_tasks(cfg)
-    key, parts = cache.base_fingerprint(model_dir, cfg, heldout)
+    key, parts = cache.base_results_key(model_dir, cfg, heldout)
     cached_path = eval_cache_dir(cfg) / "base" / key / "results.json"
     results = None
     if cached_path.is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sift_llm.errors import UserError
-from sift_llm.fsio import read_jsonl_objects
+from sift_llm.train.metrics import read_metrics  # noqa: F401  (the metrics.jsonl reader lives with its writer)
 
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "nll", "word_perplexity")
 # Per-document values kept in results.json (for paired deltas), by metric: a float, or [loglikelihood, tokens].
@@ -298,25 +298,6 @@ def generations(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- metrics.jsonl
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a training run's metrics.jsonl; a malformed line raises UserError naming file:line.
-
-    A line with ``loss`` or ``eval_loss`` needs an integer ``step``; other keys are free (lines without any
-    of the three, e.g. events, are kept and ignored by the charts).
-    """
-    records = []
-    for where, record in read_jsonl_objects(path):
-        step = record.get("step")
-        has_loss = "loss" in record or "eval_loss" in record
-        if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
-            raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
-        for key in ("loss", "eval_loss"):
-            if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
-                raise UserError(f"{where}: {key!r} must be a number, got {record[key]!r}")
-        records.append(record)
-    return records
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -7,6 +7,10 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from sift_llm.errors import UserError
+from sift_llm.fsio import read_jsonl_objects
 
 from sift_llm.runtime import is_rank0
 
@@ -30,10 +34,8 @@ class MetricsLog:
         """Drop lines logged after the checkpoint, so a resumed run's file reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        kept = [] if step is None else [
-            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [] if step is None else [record for record in read_metrics(self.path) if record.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -47,6 +49,26 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a training run's metrics.jsonl; a malformed line raises UserError naming file:line.
+
+    A line with ``loss`` or ``eval_loss`` needs an integer ``step``; other keys are free (lines without any
+    of the three, e.g. events, are kept and ignored by the charts).
+    """
+    records = []
+    for where, record in read_jsonl_objects(path):
+        step = record.get("step")
+        has_loss = "loss" in record or "eval_loss" in record
+        if (has_loss or "step" in record) and (isinstance(step, bool) or not isinstance(step, int)):
+            raise UserError(f"{where}: 'step' must be an integer, got {step!r}")
+        for key in ("loss", "eval_loss"):
+            if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
+                raise UserError(f"{where}: {key!r} must be a number, got {record[key]!r}")
+        records.append(record)
+    return records
+
 
 
 # --- Measurement hooks for `sift-llm bench`: peak memory and bytes passed to collectives. ---

@@ -285,9 +285,9 @@ def test_cli_backend_skips_the_heldout_tasks_and_leaves_them_out_of_the_cache_ke
     cfg = _cfg(tiny_task_dir, backend="cli")
     results = harness.evaluate_base(tiny_model_dir, cfg, heldout=source)
     assert seen == [None]
-    assert results["sift_llm"]["fingerprint"] == cache.base_fingerprint(tiny_model_dir, cfg)[0]
+    assert results["sift_llm"]["fingerprint"] == cache.base_results_key(tiny_model_dir, cfg)[0]
     memory = build(EvalConfig, {**cfg.__dict__, "backend": "memory"}, "eval")
-    assert cache.base_fingerprint(tiny_model_dir, memory, source)[0] != cache.base_fingerprint(tiny_model_dir, memory)[0]
+    assert cache.base_results_key(tiny_model_dir, memory, source)[0] != cache.base_results_key(tiny_model_dir, memory)[0]
 
 
 def test_the_loader_stands_alone_and_the_old_import_still_works():
