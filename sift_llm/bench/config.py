@@ -136,7 +136,10 @@ class QuantizedConfig:
     enabled: bool = option(False)
     experiment: str = option("configs/demo.yaml", help="experiment config the runs start from")
     quantization: str = option("nf4", help="the 4-bit format of the quantized runs: nf4 or fp4")
-    density: float = option(0.01, help="SIFT density; QLoRA's rank is the one whose parameter count is nearest")
+    density: float = option(
+        0.01, help="QLoRA's rank is the one whose parameter count is nearest SIFT's at this density; both SIFT runs "
+        "then train exactly QLoRA's count (method.sift.budget)"
+    )
     steps: int = option(24, min=1, help="optimizer steps per run")
     micro_batch_size: int = option(4, min=1)
     max_length: int = option(256, min=8)
@@ -147,6 +150,8 @@ class QuantizedConfig:
     warmup_steps: int = option(3, min=0, help="steps left out of the step-time median")
     rounds: int = option(1, min=1, help="rounds of all runs, alternated (odd rounds reversed); medians over rounds")
     full_precision: bool = option(True, help="also run SIFT on the full-precision base")
+    qlora_extra_lrs: list[float] = option(default_factory=list, help="more QLoRA runs at these rates (sensitivity; "
+                                          "not part of the goals)")
     deepspeed_config: str = option("ds_configs/zero2.json")
     memory_goal: float = option(1.10, help="target SIFT-4bit / QLoRA peak memory")
     step_time_goal: float = option(1.15, help="target SIFT-4bit / QLoRA step time")
