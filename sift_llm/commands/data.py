@@ -17,11 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tokenizer's chat template for chat records), mask everything but the response, apply the "
             "truncation policy, mix the sources (data.sources), split train/validation, pack the train split "
             "(data.packing) and write an HF dataset plus stats.json. The output is cached by a fingerprint of "
-            "input bytes, tokenizer, template and options."
+            "input bytes, tokenizer, template and options. data.skip_invalid=true drops malformed rows (each reported) "
+            "instead of failing."
         ),
     )
     add_config_arguments(parser)
-    parser.add_argument("--skip-invalid", action="store_true", help="drop malformed rows and report each")
     parser.set_defaults(func=run)
 
 
@@ -29,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from sift_llm.config import load_config
     from sift_llm.data import prepare
 
-    overrides = list(args.overrides) + (["data.skip_invalid=true"] if args.skip_invalid else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg.data, cfg.model.path)
     stats = prepared.stats
     if prepared.cached:

@@ -389,5 +389,5 @@ def invalid_rows_error(source: str, invalid: list[tuple[Record, str]], total: in
     more = f"\n  ... and {len(invalid) - MAX_LISTED} more" if len(invalid) > MAX_LISTED else ""
     return UserError(
         f"{source}: {len(invalid)} of {total} rows are invalid:\n{listed}{more}\n"
-        "fix them, or pass --skip-invalid (data.skip_invalid=true) to drop and report them"
+        "fix them, or set data.skip_invalid=true to drop and report them"
     )

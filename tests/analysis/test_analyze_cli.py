@@ -18,8 +18,8 @@ def analysed(tmp_path_factory, tiny_model_dir, experiment_writer):
     tmp = tmp_path_factory.mktemp("analyze")
     config = experiment_writer(tmp, tiny_model_dir, seed=7)
     out = tmp / "out"
-    code = main(["analyze", str(config), "--batches", "3", "--shares", "0.01,0.1,0.5", "--keep", "0.8",
-                 "--output", str(out)])
+    code = main(["analyze", str(config), "analysis.batches=3", "analysis.shares=[0.01,0.1,0.5]", "analysis.keep=0.8",
+                 f"analysis.output={out}"])
     assert code == 0
     return out, json.loads((out / "analysis.json").read_text())
 
@@ -62,7 +62,8 @@ def test_json_holds_both_models_on_the_same_batches(analysed):
 
 def test_no_random_init(analysis_config, tmp_path):
     out = tmp_path / "only"
-    assert main(["analyze", str(analysis_config()), "--batches", "1", "--no-random-init", "--output", str(out)]) == 0
+    assert main(["analyze", str(analysis_config()), "analysis.batches=1", "analysis.random_init=false",
+                 f"analysis.output={out}"]) == 0
     result = json.loads((out / "analysis.json").read_text())
     assert list(result["models"]) == ["pretrained"]
     pre = result["models"]["pretrained"]
@@ -72,7 +73,7 @@ def test_no_random_init(analysis_config, tmp_path):
 
 def test_default_output_is_the_run_directory(analysis_config, tmp_path):
     config = analysis_config(method={"sift": {"targets": ["q_proj", "down_proj"]}})
-    assert main(["analyze", str(config), "--batches", "1", "--no-random-init", "--shares", "0.1"]) == 0
+    assert main(["analyze", str(config), "analysis.batches=1", "analysis.random_init=false", "analysis.shares=[0.1]"]) == 0
     result = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
     assert result["setup"]["matrices"] == 4
     assert {row["type"] for row in result["models"]["pretrained"]["matrices"]} == {"q_proj", "down_proj"}
@@ -81,21 +82,19 @@ def test_default_output_is_the_run_directory(analysis_config, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--shares", "0,0.01"], "analysis: shares[0]: 0.0 is out of range, allowed (0, 1]"),
-        (["--shares", "0.01,1.5"], "shares[1]: 1.5 is out of range"),
-        (["--shares", "1%,5%"], "--shares '1%,5%': expected comma-separated numbers"),
-        (["--keep", "1.5"], "analysis.keep: 1.5 is out of range"),
-        (["--keep", "0"], "analysis.keep: 0.0 is out of range"),
-        (["--batches", "0"], "analysis.batches: 0 is out of range"),
-        (["--coverage-share", "2"], "analysis.coverage_share: 2.0 is out of range"),
+        (["analysis.shares=[0,0.01]"], "shares[0]: 0.0 is out of range, allowed (0, 1]"),
+        (["analysis.shares=[0.01,1.5]"], "shares[1]: 1.5 is out of range"),
+        (["analysis.shares=[1%,5%]"], "shares[0]"),
+        (["analysis.keep=1.5"], "analysis.keep: 1.5 is out of range"),
+        (["analysis.keep=0"], "analysis.keep: 0.0 is out of range"),
+        (["analysis.batches=0"], "analysis.batches: 0 is out of range"),
+        (["analysis.coverage_share=2"], "analysis.coverage_share: 2.0 is out of range"),
         (["method.sift.targets=[nothing_matches]"], "match no nn.Linear module"),
     ],
 )
 def test_bad_input_gives_a_clear_error(analysis_config, tmp_path, capsys, flags, message):
     out = tmp_path / "bad"
-    overrides = [flag for flag in flags if "=" in flag]  # positional overrides follow the config
-    options = [flag for flag in flags if "=" not in flag]
-    assert main(["analyze", str(analysis_config()), *overrides, "--output", str(out), *options]) == 2
+    assert main(["analyze", str(analysis_config()), *flags, f"analysis.output={out}"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress output
     assert last.startswith("sift-llm analyze: error: ") and message in last
     assert not (out / "analysis.json").exists()

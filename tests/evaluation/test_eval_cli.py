@@ -20,7 +20,7 @@ def _eval_section(tiny_task_dir, **extra) -> dict:
 def test_help_is_fast_and_describes_both_modes():
     out = subprocess.run([sys.executable, "-m", "sift_llm.cli", "eval", "--help"], capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    assert "sift-llm eval RUN_DIR" in out and "--model DIR" in out and "--num-fewshot" in out
+    assert "sift-llm eval RUN_DIR" in out and "--model DIR" in out and "eval.num_fewshot" in out
     assert "mmlu_offline" in out
     out = subprocess.run([sys.executable, "-c",
                           "import sys; from sift_llm.cli import build_parser; build_parser();"
@@ -48,10 +48,10 @@ def test_run_dir_mode_end_to_end(tiny_model_dir, tiny_task_dir, lora_adapter_dir
     for name in ("eval_accuracy.png", "training_curves.png", "eval_summary.json"):
         assert (run / name).stat().st_size > 0
 
-    # a rerun reuses the base results; command-line options override the eval: section
-    assert main(["eval", str(run), "--limit", "4"]) == 0
+    # a rerun reuses the base results; command-line overrides apply to the eval: section
+    assert main(["eval", str(run), "eval.limit=4"]) == 0
     assert "no cached results" in capsys.readouterr().out  # another limit: another fingerprint
-    assert main(["eval", str(run), "--limit", "4"]) == 0
+    assert main(["eval", str(run), "eval.limit=4"]) == 0
     assert "reusing cached results" in capsys.readouterr().out
     tuned = json.loads((run / "eval" / "tuned" / "results.json").read_text())
     assert tuned["results"]["tiny_mc"]["sample_len"] == 4
@@ -75,7 +75,7 @@ def test_run_dir_with_merged_model_and_asset_model_path(tiny_model_dir, tiny_tas
 
 
 def test_free_form_mode(tiny_model_dir, tiny_task_dir, lora_adapter_dir, tmp_path, capsys):
-    common = ["--tasks", "tiny_mc", "--include-path", str(tiny_task_dir), "--limit", "3", "--batch-size", "2"]
+    common = ["eval.tasks=[tiny_mc]", f"eval.include_paths=[{tiny_task_dir}]", "eval.limit=3", "eval.batch_size=2"]
     out = tmp_path / "plain"
     assert main(["eval", "--model", str(tiny_model_dir), *common, "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "report.md")
@@ -100,8 +100,9 @@ def test_free_form_mode(tiny_model_dir, tiny_task_dir, lora_adapter_dir, tmp_pat
         (["eval", "--model", "m"], "free-form mode needs --output DIR"),
         (["eval", "RUN", "--model", "m"], "--model belong to free-form mode"),
         (["eval", "--model", "m", "--adapter", "a", "--base", "b", "--output", "o"], "--base is for a merged"),
-        (["eval", "--model", "{tmp}/nope", "--output", "{tmp}/o", "--tasks", "x"], "does not exist"),
-        (["eval", "--model", "{tmp}", "--output", "{tmp}/o", "--limit", "2.5"], "eval.limit: 2.5 is a float >= 1"),
+        (["eval", "--model", "{tmp}/nope", "--output", "{tmp}/o", "eval.tasks=[x]"], "does not exist"),
+        (["eval", "--model", "{tmp}", "--output", "{tmp}/o", "eval.limit=2.5"], "eval.limit: 2.5 is a float >= 1"),
+        (["eval", "--model", "{tmp}", "--output", "{tmp}/o", "train.max_steps=3"], "only eval.* keys apply"),
         (["eval", "{tmp}"], "has no config.yaml"),
     ],
 )

@@ -259,13 +259,13 @@ def test_cli_options_reach_the_eval_section(tmp_path, tiny_model_dir, capsys):
     from sift_llm.cli import build_parser, main
     from sift_llm.commands.eval import overrides_from_args
 
-    args = build_parser().parse_args(["eval", "RUN", "--no-heldout", "--samples", "2", "--max-new-tokens", "16"])
+    args = build_parser().parse_args(["eval", "RUN", "eval.heldout=false", "eval.samples=2", "eval.max_new_tokens=16"])
     assert overrides_from_args(args) == {"heldout": False, "samples": 2, "max_new_tokens": 16}
     config = write_experiment(tmp_path, tiny_model_dir)
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(config, run / "config.yaml")
-    assert main(["eval", str(run), "--samples", "-1"]) == 2
+    assert main(["eval", str(run), "eval.samples=-1"]) == 2
     assert "eval.samples" in capsys.readouterr().err
 
 
