@@ -10,7 +10,7 @@ import yaml
 from sift_llm import schema
 from sift_llm.schema import ConfigError, option
 
-PARTS = ("cost", "quality", "layer_stack", "kernels", "packing", "quantized")
+PARTS = ("cost", "quality", "layer_stack", "kernels", "packing", "memory", "selection", "quantized")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class CostConfig:
     full: bool = option(True, help="also run full fine-tuning")
     before_kernels_density: float | None = option(
         0.01, help="also run SIFT at this density with the previous layer kernels (dense copy + dense dW), or null"
+    )
+    sift_global_densities: list[float] = option(
+        default_factory=list, help="also run SIFT with method.sift.scope=global at these densities (ZeRO 0-2 only)"
     )
     deepspeed_config: str = option("ds_configs/zero2.json", help="DeepSpeed JSON for every method")
     state_probe: bool = option(True, help="measure trainable-state bytes inside a 1-rank DeepSpeed engine")
@@ -129,6 +132,54 @@ class PackingConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Peak memory per rank of the same SIFT run under several DeepSpeed configs (ZeRO-2, ZeRO-3, ZeRO-3 offload),
+    through the trainer, and the largest model each fits in the machine's memory from the measured costs."""
+
+    enabled: bool = option(False)
+    model: ModelShape = field(default_factory=ModelShape)
+    layer_counts: list[int] = option(
+        default_factory=lambda: [4, 16], help="the cost model at these depths; two or more sizes give bytes per parameter"
+    )
+    models: list[str] = option(default_factory=list, help="real model directories measured too (e.g. asset:smollm2-135m-instruct)")
+    deepspeed_configs: list[str] = option(
+        default_factory=lambda: ["ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json"]
+    )
+    data: str = option("asset:alpaca_en_demo")
+    max_length: int = option(128, min=8)
+    micro_batch_size: int = option(1, min=1)
+    ranks: int = option(2, min=1)
+    density: float = option(0.01, help="SIFT density of every run")
+    steps: int = option(2, min=1, help="training steps per run")
+    budget_gib: float | None = option(
+        None, help="memory the ranks may use: null = this machine's RAM (CPU ranks share it) or one GPU's memory"
+    )
+    sample_interval_s: float = option(0.05, min=0.005, help="how often each rank's RSS is read from /proc")
+    trainer_root: str | None = option(
+        None, help="another checkout whose launch.sh trains (before/after runs, e.g. a git worktree); null: this one"
+    )
+
+
+@dataclass
+class SelectionConfig:
+    """The selection pass alone, per scope and density, in one process per package version (global vs per_matrix)."""
+
+    enabled: bool = option(False)
+    model: ModelShape = field(default_factory=ModelShape)
+    data: str = option("asset:alpaca_en_demo")
+    max_length: int = option(128, min=8, help="tokens of the one calibration example")
+    densities: list[float] = option(default_factory=lambda: [0.01, 0.05])
+    scopes: list[str] = option(default_factory=lambda: ["per_matrix", "global"])
+    rounds: int = option(2, min=1, help="rounds of all variants in each process, alternated")
+    threads: int = option(1, min=1, help="torch threads of the worker (a training rank here runs with 1)")
+    versions: dict[str, str] = option(
+        default_factory=lambda: {"current": "."},
+        help="label -> checkout whose sift_llm is measured (e.g. before: a git worktree of an older commit)",
+    )
+    rounds_per_version: dict[str, int] = option(default_factory=dict, help="label -> rounds (default: rounds)")
+
+
+@dataclass
 class QuantizedConfig:
     """SIFT on a 4-bit (NF4) base vs QLoRA at equal trainable parameters vs SIFT on the full-precision base, through
     the trainer (launch.sh, DeepSpeed) on the demo: peak memory, step time and held-out loss after the same steps."""
@@ -168,6 +219,11 @@ class BenchConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     quantized: QuantizedConfig = field(default_factory=QuantizedConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    targets: dict[str, float] = option(
+        default_factory=dict, help="limits the measured ratios are held to (name: limit; see sift_llm.bench.targets)"
+    )
 
     def enabled_parts(self) -> list[str]:
         return [part for part in PARTS if getattr(self, part).enabled]
@@ -191,6 +247,12 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str,
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     schema.apply_overrides(raw, list(overrides))
     try:
-        return schema.build(BenchConfig, raw)
+        cfg = schema.build(BenchConfig, raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+    from sift_llm.bench.targets import MEASURES, unknown_targets
+
+    unknown = unknown_targets(cfg.targets)
+    if unknown:
+        raise ConfigError(f"{path or 'bench config'}: unknown target {unknown[0]!r} (targets: {', '.join(MEASURES)})")
+    return cfg

@@ -72,6 +72,8 @@ def model_facts(model_dir: Path) -> dict:
 def plan(cost: CostConfig, shapes: list[tuple[int, int]]) -> list[dict]:
     """The variants of one round, in order: SIFT densities, SIFT with the previous kernels, LoRA, full."""
     out = [{"label": f"sift-{d * 100:g}%", "method": "sift", "density": d} for d in cost.sift_densities]
+    out += [{"label": f"sift-{d * 100:g}% (global)", "method": "sift", "density": d, "scope": "global"}
+            for d in cost.sift_global_densities]
     if cost.before_kernels_density is not None:
         d = cost.before_kernels_density
         out.append({"label": f"sift-{d * 100:g}% (before)", "method": "sift", "density": d, "before": True})
@@ -80,7 +82,7 @@ def plan(cost: CostConfig, shapes: list[tuple[int, int]]) -> list[dict]:
     if cost.full:
         out.append({"label": "full", "method": "full"})
     for variant in out:
-        if variant["method"] == "sift":
+        if variant["method"] == "sift" and variant.get("scope") != "global":  # global: the selection's count
             variant["trainable"] = sift_count(shapes, variant["density"])
         elif variant["method"] == "lora":
             variant["trainable"] = lora_count(shapes, variant["r"])
@@ -134,6 +136,7 @@ def summarize_run(run: dict, warmup: int) -> dict:
             "calibration_s": selection["calibration_seconds"],
             "finalize_s": selection["finalize_seconds"],
             "peak_rss_bytes": selection.get("peak_memory", {}).get("rss_peak_bytes"),
+            "load_peak_rss_bytes": selection.get("load_peak_memory", {}).get("rss_peak_bytes"),
             "cuda_max_allocated_bytes": selection.get("peak_memory", {}).get("cuda_max_allocated_bytes"),
             "selected": selection["selected"],
             "grad_sq_share": selection["grad_sq_share"],
@@ -169,10 +172,13 @@ def combine(variant: dict, runs: list[dict]) -> dict:
         row["selection"] = {
             **selections[-1],
             "wall_s": median(s["wall_s"] for s in selections),
+            "round_wall_s": [s["wall_s"] for s in selections],
             "calibration_s": median(s["calibration_s"] for s in selections),
             "finalize_s": median(s["finalize_s"] for s in selections),
             "peak_rss_bytes": max(max(s["peak_rss_bytes"] or [0]) for s in selections),
         }
+        cuda = [max(s["cuda_max_allocated_bytes"]) for s in selections if s.get("cuda_max_allocated_bytes")]
+        row["selection"]["cuda_max_allocated_bytes"] = max(cuda) if cuda else None
         if row["trainable"] is None:
             row["trainable"] = selections[-1]["selected"]
     return row

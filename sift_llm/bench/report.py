@@ -7,12 +7,14 @@ from pathlib import Path
 
 from sift_llm.bench.targets import (
     baselines,
+    cost_rows_with_state,
     evaluate,
     gathered_bytes,
     peak,
     ratio,
     recovery,
     reduced_bytes,
+    selection_ratio,
     step_ratio,
 )
 from sift_llm.fsio import atomic_write_text
@@ -110,13 +112,17 @@ def cost_section(cost: dict) -> list[str]:
               _f(r["index_bytes"] / r["trainable"], 1), _f(r["state_bytes_per_trainable"], 1)]
              for r in state.values()],
         )
-    selections = [row for row in rows if row.get("selection")]
+    selections = [row for row in cost_rows_with_state(cost) if row.get("selection")]
     if selections:
-        lines += ["", "Selection pass (one calibration batch on the plain model, before DeepSpeed; both ranks):", ""]
+        lines += ["", "Selection pass (the first optimizer batch scored through the trainer, all ranks; per-matrix scope "
+                  "inside the DeepSpeed engine, global scope on the plain model before it). x one step: the pass's wall "
+                  "time over the median step of the same run, median over rounds; peak memory: the largest rank's, "
+                  "over the training steps' peak:", ""]
         lines += _table(
-            ["method", "selection (s)", "x one step", "peak memory", "x training peak", "share of sum(g^2) kept"],
-            [[row["label"], _f(row["selection"]["wall_s"], 2), _f(ratio(row["selection"]["wall_s"], row["step_time_s"])),
-              _bytes(row["selection"]["peak_rss_bytes"]), _f(ratio(row["selection"]["peak_rss_bytes"], peak(row))),
+            ["method", "selection (s)", "x one step", "CPU s/step", "peak memory", "x training peak",
+             "share of sum(g^2) kept"],
+            [[row["label"], _f(row["selection"]["wall_s"], 2), _f(selection_ratio(row)), _f(row.get("step_cpu_s"), 3),
+              _bytes(row.get("selection_peak")), _f(ratio(row.get("selection_peak"), peak(row))),
               _f(row["selection"]["grad_sq_share"] * 100, 1, "%")]
              for row in selections],
         )
@@ -185,16 +191,37 @@ def kernels_section(kernels: dict) -> list[str]:
         f"### SIFT layer kernels ({kernels['device']}, {kernels['dtype']})",
         "",
         f"One {kernels['shape'][0]}x{kernels['shape'][1]} matrix, {kernels['tokens']} tokens. Values' gradient alone: "
-        "dense row-block product then gather vs the sampled product (SDDMM). Training pass (forward + backward of "
-        "the layer): previous kernels (dense copy of W per product + dense dW) vs current (in-place patch + cost "
-        "rule), and a frozen nn.Linear (the floor LoRA adds to).",
+        "dense row-block product then gather vs the sampled product (SDDMM) and the Triton tile kernel (CUDA); "
+        "x @ S^T: the sparse increment's product by the Triton kernel and by CSR, against the dense F.linear; union / "
+        "entry: the Triton plan's loaded columns per selected entry. Training pass (forward + backward of the layer): "
+        "previous kernels (dense copy of W per product + dense dW) vs current (in-place patch + cost rule), forced "
+        "paths, and a frozen nn.Linear (the floor LoRA adds to). Columns without a number in any row are left out.",
         "",
     ]
-    table = [[f"{row['density'] * 100:g}%", _f(row["dense_dw_s"] * 1e3, 2), _f(row["sampled_dw_s"] * 1e3, 2),
-              _f(ratio(row["dense_dw_s"], row["sampled_dw_s"]), 2), _f(row["pass_before_s"] * 1e3, 2),
-              _f(row["pass_after_s"] * 1e3, 2), _f(row["pass_frozen_s"] * 1e3, 2)] for row in kernels["rows"]]
-    lines += _table(["density", "dense dW (ms)", "sampled dW (ms)", "sampled speed-up", "pass before (ms)",
-                     "pass after (ms)", "frozen Linear (ms)"], table)
+    rows = kernels["rows"]
+
+    def ms(key):
+        return lambda row: _f(row[key] * 1e3 if row.get(key) is not None else None, 2)
+
+    def speedup(key):
+        return lambda row: _f(ratio(row.get("dense_dw_s"), row.get(key)), 2)
+
+    # Columns with no number in any row (e.g. Triton's on a CPU) are left out.
+    columns = [
+        ("dense dW (ms)", "dense_dw_s", ms("dense_dw_s")), ("sampled dW (ms)", "sampled_dw_s", ms("sampled_dw_s")),
+        ("sampled speed-up", "sampled_dw_s", speedup("sampled_dw_s")),
+        ("triton dW (ms)", "triton_dw_s", ms("triton_dw_s")), ("triton speed-up", "triton_dw_s", speedup("triton_dw_s")),
+        ("x@S^T triton (ms)", "inc_triton_s", ms("inc_triton_s")), ("x@S^T CSR (ms)", "inc_csr_s", ms("inc_csr_s")),
+        ("dense linear (ms)", "linear_s", ms("linear_s")),
+        ("union / entry", "union_per_entry", lambda row: _f(row.get("union_per_entry"), 2)),
+        ("pass before (ms)", "pass_before_s", ms("pass_before_s")), ("pass after (ms)", "pass_after_s", ms("pass_after_s")),
+        ("pass dense dW (ms)", "pass_dense_s", ms("pass_dense_s")), ("pass triton (ms)", "pass_triton_s", ms("pass_triton_s")),
+        ("pass increment + triton (ms)", "pass_increment_triton_s", ms("pass_increment_triton_s")),
+        ("frozen Linear (ms)", "pass_frozen_s", ms("pass_frozen_s")),
+    ]
+    columns = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
+    table = [[f"{row['density'] * 100:g}%"] + [cell(row) for _, _, cell in columns] for row in rows]
+    lines += _table(["density"] + [name for name, _, _ in columns], table)
     return lines
 
 
@@ -224,10 +251,13 @@ def render_markdown(results: dict) -> str:
     targets = evaluate(results)
     if targets:
         lines += targets_section(targets) + [""]
+    from sift_llm.bench.memory import memory_section
     from sift_llm.bench.packing import packing_section
+    from sift_llm.bench.selection_scaling import selection_section
 
     for name, section in (("cost", cost_section), ("quality", quality_section), ("layer_stack", stack_section),
-                          ("kernels", kernels_section), ("packing", packing_section)):
+                          ("kernels", kernels_section), ("packing", packing_section), ("memory", memory_section),
+                          ("selection", selection_section)):
         if name in parts:
             lines += section(parts[name]) + [""]
     if "quantized" in parts:

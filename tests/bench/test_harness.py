@@ -66,6 +66,7 @@ def test_cost_and_quality_through_the_trainer(tmp_path, tiny_model_dir):
         "cost.model.heads=4", "cost.model.kv_heads=2", f"cost.model.tokenizer={tiny_model_dir}", f"cost.data={corpus}",
         "cost.max_length=96", "cost.warmup_steps=1", "cost.timed_steps=2", "cost.rounds=1", "cost.sift_densities=[0.05]",
         "cost.lora_match_density=0.05", "cost.before_kernels_density=0.05", "cost.probe_layers=1",
+        "cost.sift_global_densities=[]",
         f"quality.experiment={experiment}", "quality.steps=2", "quality.micro_batch_size=2", "quality.max_length=96",
         "quality.validation_size=4", "quality.eval_every=1", "quality.sift_densities=[0.05]",
         "quality.lora_match_densities=[0.05]", "quality.sift_lr=0.01", "quality.lora_lr=0.01", "quality.full_lr=0.01",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sift_llm.bench.config import load_bench_config
 from sift_llm.bench.report import render_markdown, write_report
 
 
@@ -15,7 +16,7 @@ def synthetic_results() -> dict:
         {"label": "full", "method": "full", "trainable": 10**6, "peak_rss_bytes": 8 << 30, "step_time_s": 1.2,
          "tokens_per_s": 100.0, "collective_bytes": {"all_reduce": 4 * 10**6}},
     ]
-    return {"name": "synthetic", "parts": {
+    return {"name": "synthetic", "targets": load_bench_config("benchmarks/cpu.yaml").targets, "parts": {
         "cost": {"config": {"lora_match_density": 0.01}, "device_type": "cpu", "ranks": 2, "rows": cost_rows,
                  "model": {"parameters": 3e8, "layers": 16, "hidden": 1024, "intermediate": 2816, "heads": 16,
                            "targeted_entries": 2e8},

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sift_llm.bench.common import lora_count, matching_lora_rank, sift_count
+from sift_llm.bench.config import load_bench_config
 from sift_llm.bench.targets import cost_targets, evaluate, quality_targets, recovery, reduced_bytes
 
 GIB = 2**30
+# The limits live in the bench YAML, not in the library.
+LIMITS = load_bench_config("benchmarks/cpu.yaml").targets
 
 
 def row(label, method, *, peak, step, trainable=None, reduced=None, **extra):
@@ -30,7 +33,7 @@ def test_cost_targets_compute_ratios_against_lora_and_full():
         row("full", "full", peak=8.0 * GIB, step=1.25),
     ]
     state = [{"label": "sift-1%", "method": "sift", "trainable": 1000, "state_bytes": 20_000, "index_bytes": 4000}]
-    targets = cost_targets(rows, "cpu", "sift-1%", state)
+    targets = cost_targets(rows, "cpu", "sift-1%", state, LIMITS)
 
     (memory_lora,) = by_name(targets, "memory_vs_lora")
     assert memory_lora["measured"] == pytest.approx(1.1) and memory_lora["met"] is True  # the limit is inclusive
@@ -50,7 +53,7 @@ def test_cost_targets_compute_ratios_against_lora_and_full():
 
 
 def test_missing_baselines_give_unmeasured_targets():
-    targets = cost_targets([row("sift-1%", "sift", peak=1.0, step=1.0, trainable=10)], "cpu", "sift-1%")
+    targets = cost_targets([row("sift-1%", "sift", peak=1.0, step=1.0, trainable=10)], "cpu", "sift-1%", limits=LIMITS)
     assert {t["name"] for t in targets} >= {"memory_vs_lora", "memory_vs_full", "step_vs_lora"}
     assert all(t["met"] is None for t in targets if t["name"] != "allreduce_bytes")
 
@@ -63,7 +66,7 @@ def test_recovery_share_and_quality_target():
         {"label": "sift-1%", "method": "sift", "eval_loss": 1.62},
         {"label": "full", "method": "full", "eval_loss": 1.6},
     ]}
-    (target,) = quality_targets(quality)
+    (target,) = quality_targets(quality, limits=LIMITS)
     assert target["measured"] == pytest.approx(0.95) and target["met"] and not target["at_most"]
 
 
@@ -82,7 +85,7 @@ def test_lora_rank_matches_sift_count():
 
 
 def test_evaluate_reads_every_part():
-    results = {"parts": {
+    results = {"targets": LIMITS, "parts": {
         "cost": {"config": {"lora_match_density": 0.01}, "device_type": "cpu", "ranks": 2, "rows": [
             row("sift-1%", "sift", peak=3.0, step=1.0, trainable=10, reduced=40, selection={"wall_s": 3.0}),
             row("lora-r1", "lora", peak=3.0, step=1.0), row("full", "full", peak=9.0, step=2.0)]},
@@ -119,6 +122,6 @@ def test_quality_targets_also_against_extra_full_rows():
         {"label": "full", "method": "full", "eval_loss": 1.7},
         {"label": "full (lr 0.0002)", "method": "full", "eval_loss": 1.5},
     ]}
-    reference, other = quality_targets(quality)
+    reference, other = quality_targets(quality, limits=LIMITS)
     assert reference["measured"] == pytest.approx(1.0) and reference["met"]
     assert "full (lr 0.0002)" in other["target"] and other["measured"] == pytest.approx(0.6) and not other["met"]
