@@ -253,3 +253,22 @@ def load_model(
     info["quantization"] = quant or model_quant
     info["scored"] = scored_description(kind, quant, model_quant)
     return model, tokenizer, info
+
+
+def load_for_training(model_dir: str | os.PathLike, *, dtype, gradient_checkpointing: bool,
+                      random_init_seed: int | None = None, **from_pretrained: Any):
+    """A causal LM to compute gradients with (the trainer's and the analysis's loader), on the CPU or where
+    ``from_pretrained`` puts it: no KV cache, optionally activation checkpointing (non-reentrant), and with
+    ``random_init_seed`` the same architecture freshly initialised instead of the pretrained weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if random_init_seed is not None:
+        torch.manual_seed(random_init_seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **from_pretrained)
+    model.config.use_cache = False  # also keeps transformers' packed-sequence detection on
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

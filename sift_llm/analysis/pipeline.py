@@ -43,18 +43,10 @@ def _batches(cfg: ExperimentConfig, acfg: AnalysisConfig, pad_id: int) -> tuple[
 
 
 def _load(model_dir: Path, *, random_init: bool, seed: int, gradient_checkpointing: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from sift_llm.loading import load_for_training
 
-    if random_init:
-        config = AutoConfig.from_pretrained(model_dir)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return load_for_training(model_dir, dtype=torch.float32, gradient_checkpointing=gradient_checkpointing,
+                             random_init_seed=seed if random_init else None)
 
 
 def analyze(cfg: ExperimentConfig, acfg: AnalysisConfig) -> Path:

@@ -288,7 +288,9 @@ class Trainer:
         ``HfDeepSpeedConfig`` of a ZeRO-3 config is alive, and loads the checkpoint one module at a time
         (rank 0 reads, the module's parameters are gathered, filled and partitioned again).
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from sift_llm.loading import load_for_training
 
         self.model_dir = assets.resolve(self.cfg.model.path)
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -299,6 +301,7 @@ class Trainer:
 
             self._zero3_context = HfDeepSpeedConfig(self.ds)  # transformers keeps only a weak reference
         dtype = torch.bfloat16 if self.bf16 else torch.float32
+        checkpointing = self.cfg.model.gradient_checkpointing
         if self.quantization is not None:
             # A 4-bit base: bitsandbytes quantizes every Linear but lm_head while loading, on this rank's device
             # (transformers never builds a quantized model inside zero.Init; ZeRO-3 partitions it at initialize).
@@ -307,7 +310,7 @@ class Trainer:
             kwargs = quantization_kwargs(**self.quantization, device=self.device)
             if self.zero_stage == 3:
                 kwargs.pop("device_map")  # refused under ZeRO-3; bitsandbytes then loads onto the current device
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **kwargs)
+            model = load_for_training(self.model_dir, dtype=dtype, gradient_checkpointing=checkpointing, **kwargs)
             keep_4bit_layout(model)  # a held-out evaluation must not switch the 4-bit layers to a gradient-less kernel
             self.summary["quantization"] = summary = {
                 "quant_type": self.cfg.model.quantization, "double_quant": self.cfg.model.double_quant,
@@ -316,12 +319,9 @@ class Trainer:
             log(f"model: 4-bit {summary['quant_type']} base (double quantization "
                 f"{'on' if summary['double_quant'] else 'off'}, compute {summary['compute_dtype']})")
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+            model = load_for_training(self.model_dir, dtype=dtype, gradient_checkpointing=checkpointing)
         if self.zero_stage != 3 and self.quantization is None:
             model.to(self.device)
-        model.config.use_cache = False
-        if self.cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.summary["total_parameter_elements"] = total_parameter_elements(model)
         self.summary["resident_parameter_elements"] = self._per_rank(resident_parameter_elements(model))
