@@ -1,8 +1,10 @@
 """Run lm-eval through its own command line (``python -m lm_eval run --model hf``) on a model directory.
 
 The ``cli`` backend: a base, merged or fully tuned model directory, optionally with a PEFT adapter
-(``peft=``); a SIFT adapter cannot be loaded by lm-eval's hf model. The held-out tasks need the in-memory
-backend's exact token scoring and are skipped here (the results record why).
+(``peft=``). A SIFT adapter goes in the same way: it is first exported to PEFT's supertuning format
+(:func:`sift_llm.sift.peft_export.export_peft`, into a scratch directory), so lm-eval's own hf model applies
+the increments with plain PEFT. The held-out tasks need the in-memory backend's exact token scoring and are
+skipped here (the results record why).
 """
 
 from __future__ import annotations
@@ -92,11 +94,6 @@ def evaluate_with_cli(model_dir: str | os.PathLike, cfg: EvalConfig, adapter_dir
     model_dir = check_model_dir(model_dir).resolve()
     adapter = Path(adapter_dir).expanduser().resolve() if adapter_dir is not None else None
     kind = detect_adapter(adapter) if adapter is not None else None
-    if kind == "sift":
-        raise UserError(
-            f"{adapter} is a SIFT adapter, which the lm_eval CLI cannot load: use eval.backend memory, "
-            "or evaluate the run's merged/ directory"
-        )
     dev = resolve_device(cfg.device)
     dtype = dtype_name(resolve_dtype(cfg.dtype, dev))
     metadata = task_metadata(cfg)
@@ -110,7 +107,15 @@ def evaluate_with_cli(model_dir: str | os.PathLike, cfg: EvalConfig, adapter_dir
     with tempfile.TemporaryDirectory(prefix="sift-llm-lm-eval-") as scratch_name:
         scratch = Path(scratch_name)
         include = _merged_include_dir(include_dirs(cfg), scratch)
-        cmd = cli_command(model_dir, cfg, adapter_dir=adapter, device=str(dev), dtype=dtype,
+        peft_dir = adapter
+        if kind == "sift":
+            # lm_eval's hf model loads PEFT adapters only: hand it the SIFT adapter as a supertuning adapter
+            # (refused, with a PeftPaddingError, where the zero padding PEFT's one sparsity needs is large).
+            from sift_llm.sift.peft_export import export_peft
+
+            peft_dir = export_peft(adapter, scratch / "peft", base_model=model_dir)
+            log(f"eval: SIFT adapter {adapter} exported to PEFT's supertuning format for lm_eval")
+        cmd = cli_command(model_dir, cfg, adapter_dir=peft_dir, device=str(dev), dtype=dtype,
                           include_dir=include, output_json=scratch / "out" / "results.json")
         log(f"eval: {' '.join(cmd[1:])}")
         tail: collections.deque[str] = collections.deque(maxlen=40)

@@ -9,6 +9,7 @@ set), ``metrics.jsonl``. Written: ``eval/base/results.json``, ``eval/tuned/resul
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,22 +56,37 @@ def read_run_eval_config(run_dir: str | os.PathLike, overrides: dict[str, Any] |
 def tuned_source(run_dir: str | os.PathLike, backend: str = "memory") -> tuple[str, Path]:
     """('adapter', RUN_DIR/adapter) or ('merged', RUN_DIR/merged): what to evaluate as the tuned model.
 
-    The adapter is preferred (it is what training produced, applied in memory); the CLI backend cannot
-    load a SIFT adapter and falls back to merged/.
+    The adapter is preferred (it is what training produced). The memory backend applies it in memory; the
+    cli backend hands lm_eval a PEFT adapter, a SIFT one exported to PEFT's supertuning format first. A SIFT
+    adapter trained on a 4-bit base has no PEFT form (PEFT would apply it to the full-precision base), so the
+    cli backend scores merged/ for it.
     """
     run_dir = Path(run_dir)
     adapter, merged = run_dir / "adapter", run_dir / "merged"
     found_adapter = has_adapter(adapter)
     has_merged = (merged / "config.json").is_file()
-    if found_adapter and not (backend == "cli" and detect_adapter(adapter) == "sift"):
+    cli_cannot = backend == "cli" and found_adapter and _quantized_sift_adapter(adapter)
+    if found_adapter and not cli_cannot:
         return "adapter", adapter
     if has_merged:
         return "merged", merged
     if found_adapter:
-        raise UserError(f"{adapter} is a SIFT adapter, which the cli backend cannot load, and {merged} does not "
-                        "exist: use eval.backend memory")
+        raise UserError(f"{adapter} is a SIFT adapter trained on a 4-bit base, which lm_eval's hf model cannot "
+                        f"apply, and {merged} does not exist: use eval.backend memory, or train with "
+                        "train.save_merged=true")
     raise UserError(f"{run_dir} has no trained model to evaluate: expected {adapter}/ "
                     f"({' or '.join(ADAPTER_FILES.values())}) or {merged}/ (config.json)")
+
+
+def _quantized_sift_adapter(adapter: Path) -> bool:
+    if detect_adapter(adapter) != "sift":
+        return False
+    try:
+        meta = json.loads((adapter / ADAPTER_FILES["sift"]).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False  # the loader reports the broken file with its name
+    base = meta.get("base_model") if isinstance(meta, dict) else None
+    return bool(isinstance(base, dict) and base.get("quantization"))
 
 
 def heldout_source(spec: RunEvalSpec) -> HeldOutSource | None:
@@ -120,6 +136,7 @@ def evaluate_run(
     """
     from sift_llm.evaluation import harness, report
     from sift_llm.evaluation.results import run_results_paths
+    from sift_llm.sift.peft_export import PeftPaddingError
 
     if not is_rank0():
         return None
@@ -132,7 +149,16 @@ def evaluate_run(
     heldout = heldout_source(spec)
     harness.evaluate_base(spec.model_path, cfg, output_path=base_path, heldout=heldout)
     if kind == "adapter":
-        harness.evaluate_model(spec.model_path, cfg, adapter_dir=source, output_path=tuned_path, heldout=heldout)
+        try:
+            harness.evaluate_model(spec.model_path, cfg, adapter_dir=source, output_path=tuned_path, heldout=heldout)
+        except PeftPaddingError as err:
+            # The cli backend's PEFT export of a selection far from one sparsity (global scope): merged/ is
+            # the same model, when the run wrote it.
+            merged = spec.run_dir / "merged"
+            if not (merged / "config.json").is_file():
+                raise
+            log(f"eval: {err}\neval: scoring {merged} instead")
+            harness.evaluate_model(merged, cfg, output_path=tuned_path, heldout=heldout)
     else:
         harness.evaluate_model(source, cfg, output_path=tuned_path, heldout=heldout)
     path = report.write_run_report(spec.run_dir)

@@ -135,7 +135,7 @@ def likelihood_table(columns: list[Column]) -> list[str]:
     n, tokens = _n(columns, LIKELIHOOD), _tokens(columns)
     header = ["Held-out responses", "N"] + [c.label for c in columns]
     header += [f"Δ {c.label}" for c in compared] + [f"Δ {c.label} vs noise" for c in compared]
-    lines = [f"## Held-out response likelihood", "",
+    lines = ["## Held-out response likelihood", "",
              f"Mean negative log-likelihood of the reference response tokens (nats per token; lower is better) "
              f"over the run's {n} held-out examples" + (f" ({tokens:,} response tokens)" if tokens else "")
              + ": the prompt is the context and the dataset's own response tokens (with EOS) the continuation, "

@@ -9,7 +9,7 @@ import pytest
 
 from sift_llm.bench.config import PARTS, load_bench_config
 from sift_llm.bench.memory import fit, largest_model
-from sift_llm.bench.report import kernels_section, render_markdown
+from sift_llm.bench.report import kernels_section
 from sift_llm.bench.targets import MEASURES, cost_targets, evaluate
 from sift_llm.cli import main
 from sift_llm.schema import ConfigError

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers import masking_utils
 
-import tiny
 from sift_llm.data import DataConfig, load_prepared, prepare
 from sift_llm.data.encode import IGNORE_INDEX
 from sift_llm.data.packing import pack, pack_order

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from eval_helpers import write_run_dir
@@ -123,3 +124,41 @@ def test_bad_run_config(tmp_path, tiny_model_dir, capsys):
     (run / "config.yaml").write_text("model: {path: x}\n")
     assert main(["eval", str(run)]) == 2
     assert "has no trained model to evaluate" in capsys.readouterr().err
+
+
+def test_cli_backend_scores_merged_where_a_sift_adapter_has_no_peft_form(tiny_model_dir, tiny_task_dir, tmp_path,
+                                                                          monkeypatch):
+    """A 4-bit SIFT adapter goes to merged/ on the cli backend; so does a selection PEFT refuses to pad."""
+    import shutil
+
+    from sift_llm.evaluation import harness
+    from sift_llm.errors import UserError
+    from sift_llm.sift.peft_export import PeftPaddingError
+
+    run = write_run_dir(tmp_path / "run", model_path=tiny_model_dir, method="sift",
+                        eval_section=_eval_section(tiny_task_dir, limit=2, backend="cli"))
+    (run / "adapter").mkdir()
+    meta = {"base_model": {"quantization": {"quant_type": "nf4"}}}
+    (run / "adapter" / "sift_adapter.json").write_text(json.dumps(meta))
+    assert pipeline.tuned_source(run, "memory") == ("adapter", run / "adapter")  # applied to the 4-bit base
+    with pytest.raises(UserError, match="4-bit base.*train.save_merged=true"):
+        pipeline.tuned_source(run, "cli")
+    shutil.copytree(tiny_model_dir, run / "merged")
+    assert pipeline.tuned_source(run, "cli") == ("merged", run / "merged")
+
+    # A full-precision SIFT adapter is scored as itself; when its export is refused, merged/ takes its place.
+    (run / "adapter" / "sift_adapter.json").write_text(json.dumps({"base_model": {}}))
+    assert pipeline.tuned_source(run, "cli") == ("adapter", run / "adapter")
+    scored = []
+
+    def fake_evaluate_model(model, cfg, adapter_dir=None, **kwargs):
+        if adapter_dir is not None:
+            raise PeftPaddingError("the export would be 95% zero padding")
+        scored.append(model)
+        return real_evaluate_model(model, cfg, **kwargs)
+
+    real_evaluate_model = harness.evaluate_model
+    monkeypatch.setattr(harness, "evaluate_model", fake_evaluate_model)
+    assert pipeline.evaluate_run(run) == run / "report.md"
+    assert Path(scored[-1]).resolve() == (run / "merged").resolve()  # after the base (unless cached)
+    assert json.loads((run / "eval" / "tuned" / "results.json").read_text())["sift_llm"]["model"] == str(run / "merged")

@@ -95,20 +95,50 @@ def test_in_memory_and_cli_paths_agree(tiny_model_dir, tiny_task_dir, lora_adapt
     assert "samples" not in written and written["sift_llm"]["model"] == str(tiny_model_dir)
 
 
-def test_cli_path_takes_a_lora_adapter_and_refuses_sift(tiny_model_dir, tiny_task_dir, lora_adapter_dir, tmp_path):
+def test_cli_path_takes_a_lora_adapter(tiny_model_dir, tiny_task_dir, lora_adapter_dir, tmp_path):
     cfg = _cfg(tiny_task_dir, backend="cli", limit=3)
     cmd = cli_backend.cli_command(tiny_model_dir, cfg, adapter_dir=lora_adapter_dir, device="cpu", dtype="float32",
                               include_dir=tiny_task_dir, output_json=tmp_path / "r.json")
     assert cmd[cmd.index("--model_args") + 1] == f"pretrained={tiny_model_dir},dtype=float32,peft={lora_adapter_dir}"
     assert cmd[cmd.index("--limit") + 1] == "3" and cmd[cmd.index("--tasks") + 1] == "tiny_mc,tiny_ll"
-    sift = tmp_path / "sift"
-    sift.mkdir()
-    (sift / "sift_adapter.json").write_text("{}")
-    with pytest.raises(UserError, match="SIFT adapter, which the lm_eval CLI cannot load"):
-        cli_backend.evaluate_with_cli(tiny_model_dir, cfg, sift)
     with pytest.raises(UserError, match="contains a comma"):
         cli_backend.cli_command(tmp_path / "a,b", cfg, adapter_dir=None, device="cpu", dtype="float32",
                             include_dir=tiny_task_dir, output_json=tmp_path / "r.json")
+
+
+def _trained_sift_adapter(model_dir, directory, **config):
+    """A SIFT adapter of the tiny model with random non-zero values; returns (adapter dir, logits of ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from sift_llm.sift import SiftConfig, attach_sift, save_adapter
+
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    handle = attach_sift(trained, SiftConfig(**{"density": 0.1, **config}))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    selector = handle.selector()
+    with selector.calibrating():
+        trained(input_ids=ids, labels=ids).loss.backward()
+    selector.finalize()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in handle.layers.values():
+            layer.values.normal_(std=0.05)
+        expected = trained(input_ids=ids).logits
+    return save_adapter(handle, directory), expected
+
+
+def test_cli_path_scores_a_sift_adapter_through_its_peft_export(tiny_model_dir, tiny_task_dir, tmp_path, capsys):
+    """lm_eval's hf model gets the SIFT adapter as a PEFT supertuning adapter: same scores as in memory."""
+    adapter, _ = _trained_sift_adapter(tiny_model_dir, tmp_path / "adapter")
+    cfg = _cfg(tiny_task_dir)
+    tuned_mem = harness.evaluate_model(tiny_model_dir, cfg, adapter_dir=adapter)
+    tuned_cli = harness.evaluate_model(tiny_model_dir, dataclasses.replace(cfg, backend="cli"), adapter_dir=adapter)
+    assert "exported to PEFT's supertuning format" in capsys.readouterr().out
+    assert tuned_cli["sift_llm"]["backend"] == "cli" and tuned_cli["sift_llm"]["adapter_kind"] == "sift"
+    assert _scores(tuned_mem)[0] == _scores(tuned_cli)[0]
+    assert _scores(tuned_mem)[1] == pytest.approx(_scores(tuned_cli)[1], rel=1e-4)
+    base = harness.evaluate_model(tiny_model_dir, cfg)
+    assert not math.isclose(_scores(tuned_cli)[1], _scores(base)[1], rel_tol=1e-3)  # the increments were applied
 
 
 def test_adapter_is_applied_in_memory(tiny_model_dir, lora_adapter_dir, tiny_tokenizer):
@@ -122,23 +152,10 @@ def test_adapter_is_applied_in_memory(tiny_model_dir, lora_adapter_dir, tiny_tok
 
 
 def test_sift_adapter_is_applied_and_folded_in_memory(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from sift_llm.sift import SiftLinear
 
-    from sift_llm.sift import SiftConfig, SiftLinear, attach_sift, save_adapter
-
-    trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    handle = attach_sift(trained, SiftConfig(density=0.1))
+    adapter, expected = _trained_sift_adapter(tiny_model_dir, tmp_path / "adapter")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    selector = handle.selector()
-    with selector.calibrating():
-        trained(input_ids=ids, labels=ids).loss.backward()
-    selector.finalize()
-    with torch.no_grad():
-        for layer in handle.layers.values():
-            layer.values.normal_(std=0.05)
-        expected = trained(input_ids=ids).logits
-    adapter = save_adapter(handle, tmp_path / "adapter")
-
     model, _, info = loading.load_model(tiny_model_dir, adapter, device="cpu", dtype="float32")
     assert info["adapter_kind"] == "sift"
     assert not any(isinstance(m, SiftLinear) for m in model.modules())  # folded into plain Linear weights
