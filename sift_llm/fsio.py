@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +85,12 @@ def read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (asset checks, the eval cache's model digests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -51,10 +51,10 @@ def measure(engine, optimizer, model, handle) -> dict:
 
 def probe_variant(model_dir: str, ds_path: str, variant: dict) -> dict:
     import deepspeed
-    from transformers import AutoModelForCausalLM
 
     from sift_llm.bench.runs import method_section
     from sift_llm.config import ExperimentConfig
+    from sift_llm.loading import load_for_training
     from sift_llm.schema import build
     from sift_llm.train.ds_config import build_ds_config
     from sift_llm.train.methods import build_method
@@ -64,7 +64,7 @@ def probe_variant(model_dir: str, ds_path: str, variant: dict) -> dict:
                                    "train": {"micro_batch_size": 1, "learning_rate": 1e-5},
                                    "deepspeed": {"config": ds_path}})
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda", 0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model = load_for_training(model_dir, dtype=torch.float32, gradient_checkpointing=False).to(device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=generator).to(device)
     batch = {"input_ids": ids, "labels": ids}

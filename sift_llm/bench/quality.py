@@ -55,21 +55,19 @@ def experiment(cfg: BenchConfig, variant: dict) -> dict:
 
 def base_loss(cfg: BenchConfig, experiment_dict: dict) -> dict:
     """Token-weighted held-out loss of the untrained model over every validation example (one process)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from sift_llm import schema
     from sift_llm.config import ExperimentConfig
     from sift_llm.data import load_prepared, prepare
     from sift_llm.data.encode import IGNORE_INDEX
+    from sift_llm.loading import load_model
     from sift_llm.train.batches import BatchPlan
 
     exp = schema.build(ExperimentConfig, experiment_dict)
     prepared = prepare(exp.data, exp.model.path)
     validation = load_prepared(prepared.path)["validation"]
     model_dir = assets.resolve(exp.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer, _ = load_model(model_dir, device="cpu", dtype="float32")  # eval mode
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     batches = BatchPlan(validation, exp.train.micro_batch_size, 0, 1, exp.seed, shuffle=False)
     loss_sum = tokens = 0.0
     with torch.no_grad():

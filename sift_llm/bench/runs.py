@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from sift_llm.errors import UserError
-from sift_llm.runtime import log
+from sift_llm.runtime import free_port, log
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a run leaves that the bench does not read: large, and rewritten by every run.
@@ -25,12 +24,6 @@ BEFORE_KERNELS = {"merge": "clone", "values_grad": "dense"}
 
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def method_section(variant: dict) -> dict:
@@ -135,7 +128,7 @@ def launch(experiment: dict, run_dir: Path, ranks: int, env: dict | None = None,
     run_dir.mkdir(parents=True)
     config = run_dir / "bench_config.yaml"
     config.write_text(yaml.safe_dump({**experiment, "output_dir": str(run_dir.resolve())}, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     command = ["bash", str(root / "launch.sh"), str(config), "--num_gpus", str(ranks), "--master_port", str(port)]
     full_env = {**os.environ, "SIFT_LLM_COUNT_COLLECTIVES": "1", **(env or {})}
     sampler = None

@@ -18,18 +18,8 @@ from sift_llm.evaluation import mmlu
 from sift_llm.evaluation.config import EvalConfig, eval_cache_dir
 from sift_llm.evaluation.heldout import HeldOutSource
 from sift_llm.evaluation.heldout import task_dir as heldout_task_dir
-from sift_llm.fsio import atomic_write_json
+from sift_llm.fsio import atomic_write_json, file_sha256
 from sift_llm.loading import dtype_name, resolve_device, resolve_dtype
-
-_CHUNK = 1 << 22
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DigestMemo:
@@ -49,7 +39,7 @@ class DigestMemo:
         entry = self.table.get(key)
         if isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
             return entry[2]
-        value = _sha256(file)
+        value = file_sha256(file)
         self.table[key] = [stat.st_size, stat.st_mtime_ns, value]
         self.dirty = True
         return value

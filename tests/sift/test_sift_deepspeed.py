@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sift_llm.runtime import free_port
+
 WORKER = Path(__file__).with_name("ds_worker.py")
 # ZeRO stage; b = bf16, g = global scope (selected before the engine exists).
 SETUPS = ["0", "1", "2", "3", "2b", "3g"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sift_llm import schema
+from sift_llm.runtime import free_port
 from sift_llm.sift import SiftConfig, attach_sift
 from sift_llm.sift.selection import top_k_candidates, top_k_positions, weight_gradient
 
@@ -88,12 +88,6 @@ def _worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 CASES = [
     ({"density": 0.01, "targets": list(SHAPES)}, "floats"),
     ({"density": 0.05, "targets": list(SHAPES)}, "floats"),
@@ -111,7 +105,7 @@ CASES = [
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_selection_equals_one_process(tmp_path, world):
     out = tmp_path / "results.json"
-    mp.start_processes(_worker, args=(world, _free_port(), CASES, str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), CASES, str(out)), nprocs=world, start_method="spawn")
     results = json.loads(out.read_text())
     for (raw, kind), result in zip(CASES, results, strict=True):
         config = schema.build(SiftConfig, raw)

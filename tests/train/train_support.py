@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from sift_llm.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,12 +49,6 @@ def config_writer(tmp_path: Path, tiny_model_dir: Path):
         return path
 
     return make
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(config: Path, *args: str, ranks: int = 2, env: dict | None = None, timeout: int = 400):
