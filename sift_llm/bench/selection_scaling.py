@@ -119,9 +119,9 @@ def run_selection(cfg) -> dict:
         if not (root / "sift_llm" / "sift" / "selection.py").is_file():
             raise UserError(f"selection.versions.{label}: {root} holds no sift_llm/sift/selection.py")
         rounds = sel.rounds_per_version.get(label, sel.rounds)
-        request = {"model_dir": str(model_dir), "tokens": sel.max_length, "threads": sel.threads, "rounds": rounds,
+        request = {"model_dir": str(model_dir.resolve()), "tokens": sel.max_length, "threads": sel.threads, "rounds": rounds,
                    "variants": variants}
-        out = cfg.work / "selection" / f"{label}.json"
+        out = (cfg.work / "selection" / f"{label}.json").resolve()  # the worker runs in the checkout
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"bench selection: version {label} ({root}), {rounds} round(s) of {len(variants)} variants")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

@@ -68,3 +68,16 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path = write(tmp_path, "modle:\n  path: x\n")
     assert main(["train", str(path)]) == 2
     assert "unknown key 'modle'; did you mean 'model'?" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_the_options():
+    from sift_llm.cli import parse
+
+    args = parse(["bench", "b.yaml", "--only", "memory", "memory.steps=3", "--output", "out", "selection.rounds=1"])
+    assert (args.config, args.only, args.output) == ("b.yaml", "memory", "out")
+    assert args.overrides == ["memory.steps=3", "selection.rounds=1"]
+    assert parse(["bench", "b.yaml", "cost.rounds=2", "--only", "cost"]).overrides == ["cost.rounds=2"]
+    with pytest.raises(SystemExit):
+        parse(["bench", "b.yaml", "--only", "memory", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        parse(["report", "run_a", "--output", "o", "x.y=1"])  # report takes no overrides
