@@ -114,6 +114,21 @@ _MIN_SAMPLED = 64  # expected sampled entries above the k-th largest below which
 _MERGE_BINS = 1024  # buckets per matrix and round of the exact merge (4 rounds cover the 2^31 fp32 bit patterns)
 
 
+def _sampled_floor(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """A score a few standard deviations below the ``k``-th largest, from a strided sample (CPU only).
+
+    None where the sample is too small to place it (or on an accelerator, where the exact selection is fast):
+    the caller then selects exactly. The caller must check that at least ``k`` entries reach the floor.
+    """
+    n = scores.numel()
+    expected = k / _SAMPLE_STRIDE
+    if scores.device.type != "cpu" or expected < _MIN_SAMPLED or k >= n:
+        return None
+    sample = scores[::_SAMPLE_STRIDE]
+    rank = min(sample.numel(), math.ceil(expected * (sample.numel() * _SAMPLE_STRIDE / n) + 3 * math.sqrt(expected) + 8))
+    return kth_largest(sample, rank)
+
+
 def top_k_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     """(ascending positions, floor): a small superset of the ``k`` best entries, for an exact merge later.
 
@@ -131,11 +146,8 @@ def top_k_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]
         return torch.arange(n, device=scores.device), -math.inf
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=scores.device), math.inf
-    expected = k / _SAMPLE_STRIDE
-    if scores.device.type == "cpu" and expected >= _MIN_SAMPLED:
-        sample = scores[::_SAMPLE_STRIDE]
-        rank = min(sample.numel(), math.ceil(expected * (sample.numel() * _SAMPLE_STRIDE / n) + 3 * math.sqrt(expected) + 8))
-        floor = kth_largest(sample, rank)
+    floor = _sampled_floor(scores, k)
+    if floor is not None:
         keep = torch.nonzero(scores >= floor).squeeze(1)
         count = keep.numel()
         if k <= count <= 2 * k + 1024:
@@ -705,12 +717,25 @@ class Selector:
         if self._global_count >= 2 * size or (self._global_threshold is None and self._global_count >= size):
             self._prune_global_pool()
 
-    def _prune_global_pool(self) -> None:
+    def _prune_global_pool(self, exact: bool = False) -> None:
         # Chunks arrive in backward order (last module first), so the pool is not in key order; only the
         # ties at the threshold need the keys to be compared, and the pool is sorted once, when split.
+        # While the backward pass streams, a prune only needs a floor at or below the pool's size-th best
+        # score: every entry reaching it stays (a superset a few per mille over size), and the floor becomes
+        # the bar later entries must beat, as the exact cut's minimum would. That is a compare and a
+        # compaction instead of a selection over twice the budget at each doubling; the one exact cut is
+        # made when the pool is split, over a pool about the budget's size.
         keys, scores, grad_sq = (torch.cat(parts) for parts in zip(*self._global_chunks, strict=True))
-        if keys.numel() > self._global_pool_size:
-            keep = top_k_by_key(scores, keys, self._global_pool_size)
+        size = self._global_pool_size
+        if keys.numel() > size:
+            keep = None
+            floor = None if exact else _sampled_floor(scores, size)
+            if floor is not None:
+                keep = torch.nonzero(scores >= floor).squeeze(1)
+                if not size <= keep.numel() <= size + size // 4 + 1024:
+                    keep = None  # the sample misplaced the floor (ties, or an unlucky draw): cut exactly
+            if keep is None:
+                keep = top_k_by_key(scores, keys, size)
             keys, scores, grad_sq = keys[keep], scores[keep], grad_sq[keep]
         if keys.numel() >= self._global_pool_size and keys.numel():
             self._global_threshold = scores.min()
@@ -721,7 +746,7 @@ class Selector:
         """Hand each matrix its share of the first batch's global pool (once, after the first batch)."""
         if not self._global_chunks:
             return
-        self._prune_global_pool()
+        self._prune_global_pool(exact=True)
         keys, scores, grad_sq = self._global_chunks[0]
         order = keys.argsort()
         keys, scores, grad_sq = keys[order], scores[order], grad_sq[order]

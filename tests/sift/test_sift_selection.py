@@ -10,7 +10,7 @@ from sift_test_utils import lm_loss, select, selected_model, tiny_model, token_b
 
 from sift_llm import schema
 from sift_llm.errors import UserError
-from sift_llm.sift import SiftConfig, attach_sift
+from sift_llm.sift import SiftConfig, attach_sift, selection
 from sift_llm.sift.selection import top_k_positions
 
 DENSITY = 0.05
@@ -81,15 +81,12 @@ def test_accumulated_metric_with_small_pool_stays_inside_first_batch_candidates(
         assert torch.isin(indices, pool).all(), name
 
 
-@pytest.mark.parametrize("batches", [1, 3])
-def test_global_scope_picks_global_topk(batches):
-    metric = "grad_abs" if batches == 1 else "fisher"
-    config = SiftConfig(density=DENSITY, metric=metric, scope="global", calibration_batches=batches, pool_factor=50)
+def assert_global_topk(config: SiftConfig, batches: int) -> None:
     _, handle, report = selected_model(config, batches=batches)
     scores = dense_scores(config, token_batches(batches))
     names = list(handle.layers)
     flat = torch.cat([scores[n] for n in names])
-    budget = round(DENSITY * flat.numel())
+    budget = round(config.density * flat.numel())
     top = torch.topk(flat, budget).indices.sort().values
     offsets = torch.tensor([0] + [scores[n].numel() for n in names]).cumsum(0)
     expected = {n: top[(top >= offsets[i]) & (top < offsets[i + 1])] - offsets[i] for i, n in enumerate(names)}
@@ -98,6 +95,29 @@ def test_global_scope_picks_global_topk(batches):
     assert sorted(handle.trainable_parameters(), key=id) == sorted(
         [layer.values for layer in handle.layers.values() if layer.k], key=id
     )
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_global_scope_picks_global_topk(batches):
+    metric = "grad_abs" if batches == 1 else "fisher"
+    assert_global_topk(SiftConfig(density=DENSITY, metric=metric, scope="global", calibration_batches=batches,
+                                  pool_factor=50), batches)
+
+
+def test_global_pool_pruned_by_a_sampled_floor_still_ends_in_the_exact_topk(monkeypatch):
+    # At 30% the pool fills while the backward pass is still streaming, and is large enough for the sampled
+    # floor (not the exact cut) to prune it; the final selection must not change.
+    accepted = []
+    real = selection._sampled_floor
+
+    def spy(scores, k):
+        floor = real(scores, k)
+        accepted.append(floor is not None and k <= int((scores >= floor).sum()) <= k + k // 4 + 1024)
+        return floor
+
+    monkeypatch.setattr(selection, "_sampled_floor", spy)
+    assert_global_topk(SiftConfig(density=0.3, metric="grad_abs", scope="global"), 1)
+    assert any(accepted)
 
 
 def test_random_metric_is_seeded_and_sized():
