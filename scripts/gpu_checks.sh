@@ -5,6 +5,11 @@
 #   kernels      the values' gradient and x @ S^T per path and density on LLaMA-7B shapes, bf16 (kernels.json)
 #   layer_stack  4 LLaMA-7B decoder layers: SIFT 0.5/1/5% (auto, forced dense, forced triton) vs LoRA vs full
 #                (bench.json, bench.md through `sift-llm bench`)
+#   trainer      the real trainer: launch.sh + DeepSpeed ZeRO-2 and ZeRO-3, bf16, one GPU, a random LLaMA with
+#                7B-shaped layers (2 layers, 1,024 tokens, gradient checkpointing): SIFT 1% and 5% vs LoRA vs full
+#                (trainer_zero2/, trainer_zero3/: bench.json, bench.md)
+#   mmlu         the demo trained on the GPU, then base and tuned on all 14,042 MMLU questions (mmlu/: the run
+#                with its report.md)
 # Results go to benchmarks/results/<gpu>/ (e.g. h200), one log per part under logs/, and a summary at the end.
 #
 #   bash scripts/gpu_checks.sh                       everything
@@ -13,7 +18,8 @@
 #   bash scripts/gpu_checks.sh --dry-run             tiny shapes, a few seconds per part; runs on a CPU too
 #   bash scripts/gpu_checks.sh --list                the parts, in order
 # Options: --out DIR (results folder), --python PY (interpreter; default: the first of .venv/bin/python and
-# python3 whose torch sees CUDA, else scripts/setup.sh's venv, which needs a package registry).
+# python3 whose torch sees CUDA, else scripts/setup.sh's venv, which needs a package registry). launch.sh (trainer,
+# mmlu) always runs scripts/setup.sh's venv, which reuses an installed torch.
 #
 # Adding a part: write part_<name>() (use run_py for Python entry points, which logs and times out),
 # add <name> to PARTS, its import needs to NEEDS and its time limit (seconds) to LIMIT.
@@ -21,14 +27,16 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-PARTS=(env tests kernels layer_stack)
+PARTS=(env tests kernels layer_stack trainer mmlu)
 declare -A NEEDS=(
   [env]="torch"
   [tests]="torch pytest transformers yaml safetensors"
   [kernels]="torch yaml tqdm safetensors"
   [layer_stack]="torch yaml tqdm safetensors transformers peft matplotlib"
+  [trainer]="torch yaml tqdm safetensors transformers peft deepspeed matplotlib"
+  [mmlu]="torch yaml transformers peft deepspeed lm_eval matplotlib"
 )
-declare -A LIMIT=([env]=60 [tests]=240 [kernels]=240 [layer_stack]=300)
+declare -A LIMIT=([env]=60 [tests]=240 [kernels]=240 [layer_stack]=300 [trainer]=420 [mmlu]=360)
 
 only="" out="" copy_to="" python="" dry_run=0
 while [ $# -gt 0 ]; do
@@ -39,7 +47,7 @@ while [ $# -gt 0 ]; do
     --python) python=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --list) printf '%s\n' "${PARTS[@]}"; exit 0 ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_checks: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -138,6 +146,41 @@ part_layer_stack() {
                layer_stack.rounds=1 "layer_stack.forced_paths=[dense]" layer_stack.before_kernels=false)
   fi
   run_py layer_stack -m sift_llm.cli bench --only layer_stack --output "$out" benchmarks/gpu.yaml "${overrides[@]}"
+}
+
+part_trainer() {
+  # One GPU, one round, 3 + 5 steps per method; each DeepSpeed config writes its own bench folder.
+  local overrides=(cost.enabled=true cost.ranks=1 "cost.model={hidden: 4096, intermediate: 11008, layers: 2, heads: 32, kv_heads: 32}"
+                   cost.max_length=1024 cost.gradient_checkpointing=true cost.warmup_steps=3 cost.timed_steps=5
+                   cost.rounds=1 "cost.sift_densities=[0.01, 0.05]" "cost.sift_global_densities=[]"
+                   cost.before_kernels_density=null cost.state_probe=false)
+  if [ "$dry_run" = 1 ]; then
+    overrides=(cost.enabled=true cost.ranks=1 "cost.model={hidden: 64, intermediate: 128, layers: 1, heads: 4, kv_heads: 4}"
+               cost.max_length=64 cost.warmup_steps=1 cost.timed_steps=1 cost.rounds=1 "cost.sift_densities=[0.01]"
+               "cost.sift_global_densities=[]" cost.before_kernels_density=null cost.state_probe=false cost.full=false
+               work_dir="$out.work")  # a dry run leaves runs/bench alone
+  fi
+  local config
+  for config in zero2 zero3; do
+    run_py trainer -m sift_llm.cli bench benchmarks/gpu.yaml "${overrides[@]}" cost.deepspeed_config=ds_configs/$config.json \
+      --only cost --output "$out/trainer_$config" || return $?
+  done
+}
+
+part_mmlu() {
+  # The demo's training on one GPU, then its eval stage on every MMLU question (eval.limit=null).
+  local evaluation=(eval.limit=null)
+  [ "$dry_run" = 1 ] && evaluation=(eval.limit=1 eval.samples=1)
+  local overrides=(output_dir="$out/mmlu" "${evaluation[@]}")
+  [ "$dry_run" = 1 ] && overrides+=(train.max_steps=1)
+  local port
+  port=$("$python" -c "from sift_llm.runtime import free_port; print(free_port())")
+  timeout --signal=TERM --kill-after=10 "${LIMIT[mmlu]}" \
+    bash launch.sh configs/demo.yaml --num_gpus 1 --master_port "$port" "${overrides[@]}" >> "$out/logs/mmlu.log" 2>&1 || return $?
+  rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_*
+  local run_dir
+  run_dir=$("$python" -m sift_llm.cli config configs/demo.yaml "${overrides[@]}" --get run_dir) || return $?
+  run_py mmlu -m sift_llm.cli eval "$run_dir" "${evaluation[@]}"
 }
 
 echo "gpu_checks: $gpu, python $python, results in $out"

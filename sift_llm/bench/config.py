@@ -49,6 +49,7 @@ class CostConfig:
         default_factory=list, help="also run SIFT with method.sift.scope=global at these densities (ZeRO 0-2 only)"
     )
     deepspeed_config: str = option("ds_configs/zero2.json", help="DeepSpeed JSON for every method")
+    gradient_checkpointing: bool = option(False, help="model.gradient_checkpointing of every run (large models on a GPU)")
     state_probe: bool = option(True, help="measure trainable-state bytes inside a 1-rank DeepSpeed engine")
     probe_layers: int = option(2, min=1, help="decoder layers of the (smaller, same-width) state-probe model")
 

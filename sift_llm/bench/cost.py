@@ -101,7 +101,7 @@ def experiment(cost: CostConfig, model_dir: Path, data_dir: Path, variant: dict)
     return {
         "name": f"bench-{slug(variant['label'])}",
         "seed": 42,
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), "gradient_checkpointing": cost.gradient_checkpointing},
         "data": {"path": cost.data, "format": "alpaca", "max_length": cost.max_length, "validation_size": 8,
                  "output_dir": str(data_dir)},
         "method": method_section(variant),
