@@ -276,7 +276,8 @@ def render_chart(results: dict, path: Path) -> Path | None:
     import matplotlib.ticker
 
     parts = results.get("parts", {})
-    panels = [name for name in ("cost", "layer_stack", "quality", "kernels") if name in parts]
+    panels = [name for name in ("cost", "layer_stack", "quality", "kernels", "quantized", "memory", "selection")
+              if name in parts]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
@@ -312,6 +313,8 @@ def render_chart(results: dict, path: Path) -> Path | None:
             ax.set_ylabel("held-out loss")
             ax.set_title("Quality (SmolLM2-135M, Alpaca demo)", fontsize=10)
             ax.legend(fontsize=8)
+        elif name in ("quantized", "memory", "selection"):
+            _grouped_bars(ax, name, part)
         else:
             densities = [row["density"] * 100 for row in part["rows"]]
             ax.plot(densities, [row["dense_dw_s"] * 1e3 for row in part["rows"]], marker="o", label="dense row blocks")
@@ -329,6 +332,44 @@ def render_chart(results: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _grouped_bars(ax, name: str, part: dict) -> None:
+    """Bar panels of the quantized, memory and selection parts: one group per x label, one bar per series."""
+    rows = part["rows"]
+    if name == "quantized":
+        qlora = next((row for row in rows if row["method"] == "lora"), rows[0])
+        groups = [row["label"].replace(" (", "\n(") for row in rows]
+        series = {"peak memory": [ratio(row["peak_rss_bytes"] or row["cuda_max_allocated_bytes"],
+                                        qlora["peak_rss_bytes"] or qlora["cuda_max_allocated_bytes"]) or 0 for row in rows],
+                  "step time": [ratio(row["step_time_s"], qlora["step_time_s"]) or 0 for row in rows]}
+        ylabel, title, log = "relative to QLoRA", "SIFT on a 4-bit base vs QLoRA", False
+    elif name == "memory":
+        groups = list(dict.fromkeys(row["model"].replace(" (", "\n(") for row in rows))
+        configs = list(dict.fromkeys(Path(row["deepspeed_config"]).stem for row in rows))
+        peaks = {(row["model"].replace(" (", "\n("), Path(row["deepspeed_config"]).stem): row["peak"] for row in rows}
+        series = {config: [(peaks.get((group, config)) or 0) / 2**30 for group in groups] for config in configs}
+        ylabel, title, log = "peak memory of the largest rank (GiB)", f"Memory per rank ({part['ranks']} ranks)", False
+    else:
+        groups = list(dict.fromkeys(f"{row['scope']}\n{row['density'] * 100:g}%" for row in rows))
+        versions = list(dict.fromkeys(row["version"] for row in rows))
+        times = {(f"{row['scope']}\n{row['density'] * 100:g}%", row["version"]): row["selector_s"] for row in rows}
+        series = {version: [times.get((group, version)) or 0 for group in groups] for version in versions}
+        ylabel, title, log = "selector time (s)", "Selection pass by scope and code version", True
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))]
+        ax.bar(xs, values, width, label=label)
+        for x, value in zip(xs, values):
+            ax.text(x, value, f"{value:.2f}", ha="center", va="bottom", fontsize=6.5)
+    if name == "quantized":
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(list(range(len(groups))), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def write_report(results: dict, output: Path) -> None:

@@ -48,3 +48,22 @@ def test_write_report_writes_markdown_and_png(tmp_path):
     write_report(synthetic_results(), tmp_path)
     assert (tmp_path / "bench.md").read_text().startswith("## Benchmark: synthetic")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_selection_and_quantized_parts_are_drawn(tmp_path):
+    import json
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from sift_llm.bench.report import render_chart
+
+    results = Path("benchmarks/results/cpu")
+    parts = {"quantized": json.loads((results / "bench.json").read_text())["parts"]["quantized"],
+             "memory": json.loads((results / "memory" / "bench.json").read_text())["parts"]["memory"],
+             "selection": json.loads((results / "selection" / "bench.json").read_text())["parts"]["selection"]}
+    for name, part in parts.items():
+        height, width = plt.imread(render_chart({"parts": {name: part}}, tmp_path / f"{name}.png")).shape[:2]
+        assert (width, height) == (round(6.2 * 110), round(4.6 * 110)), name  # one panel each
+    height, width = plt.imread(render_chart({"parts": parts}, tmp_path / "all.png")).shape[:2]
+    assert width == round(3 * 6.2 * 110)
