@@ -20,6 +20,7 @@ from sift_llm import assets
 from sift_llm.data.config import SourceConfig
 from sift_llm.data.readers import Record, read_records
 from sift_llm.errors import UserError
+from sift_llm.fsio import file_sha256
 
 HF_PREFIX = "hf:"
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -68,7 +69,7 @@ def open_source(spec: SourceConfig) -> Source:
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         kind = TABLE_SUFFIXES[suffix]
-        digest = assets._sha256(path)  # the asset fetcher's streaming file hash
+        digest = file_sha256(path)  # streamed: the table itself is read only on a cache miss
         return Source(spec, kind, str(path), digest)  # a cached result then never pays for loading the table
     raw = path.read_bytes()
     return Source(spec, "json", str(path), hashlib.sha256(raw).hexdigest(), raw=raw)
