@@ -15,6 +15,7 @@ from sift_llm.errors import UserError
 from sift_llm.runtime import free_port, log
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAINER_COMMAND = "sift_llm.cli train"  # what launch.sh has the DeepSpeed launcher run on every rank
 # What a run leaves that the bench does not read: large, and rewritten by every run.
 SCRATCH = ("checkpoints", "adapter", "merged", "tensorboard")
 # The SIFT layer's previous kernels (a dense copy of W per product, dense row-block dW), for before/after rows:
@@ -104,14 +105,18 @@ class RssSampler:
                     continue
                 entry = self.peaks.setdefault(pid, {"pid": pid, "parent": parent, "command": read[1],
                                                     "peak_rss_bytes": 0})
+                # A child read between fork and exec still shows its parent's command line: keep the latest.
+                entry["command"] = read[1] or entry["command"]
                 entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], read[0])
             self._stop.wait(self.interval)
 
     def rank_peaks(self) -> list[int]:
-        """Peak RSS of each training rank, in start order: the processes the DeepSpeed launcher started (not
-        their own forked helpers, which carry the same command line)."""
+        """Peak RSS of each training rank, in start order: the trainer processes the DeepSpeed launcher started
+        (not their own forked helpers, and not the short-lived tools the launcher itself runs, such as a CPU
+        topology probe, which a sample can catch as the launcher's child)."""
         launchers = {pid for pid, entry in self.peaks.items() if "deepspeed.launcher.launch" in entry["command"]}
-        ranks = [entry for entry in self.peaks.values() if entry["parent"] in launchers]
+        ranks = [entry for entry in self.peaks.values()
+                 if entry["parent"] in launchers and TRAINER_COMMAND in entry["command"]]
         return [entry["peak_rss_bytes"] for entry in sorted(ranks, key=lambda entry: entry["pid"])]
 
 

@@ -54,3 +54,20 @@ def test_counter_is_off_without_the_environment_variable(monkeypatch):
     assert torch.distributed.all_reduce is original
     counter.start_step()
     assert counter.end_step() is None
+
+
+def test_rank_peaks_are_the_trainer_processes_the_launcher_started():
+    from sift_llm.bench.runs import RssSampler
+
+    sampler = RssSampler(pid=1, interval=1.0)
+    rank = "/venv/bin/python -u -m sift_llm.cli train run/bench_config.yaml"
+    sampler.peaks = {
+        1: {"pid": 1, "parent": None, "command": "bash launch.sh run/bench_config.yaml", "peak_rss_bytes": 5},
+        10: {"pid": 10, "parent": 1, "command": "python -u -m deepspeed.launcher.launch --world_info=x",
+             "peak_rss_bytes": 50},
+        12: {"pid": 12, "parent": 10, "command": rank, "peak_rss_bytes": 700},
+        11: {"pid": 11, "parent": 10, "command": rank, "peak_rss_bytes": 600},
+        13: {"pid": 13, "parent": 10, "command": "lscpu", "peak_rss_bytes": 3},  # a tool the launcher ran
+        14: {"pid": 14, "parent": 11, "command": rank, "peak_rss_bytes": 100},  # a rank's own forked helper
+    }
+    assert sampler.rank_peaks() == [600, 700]
