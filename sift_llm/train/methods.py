@@ -49,10 +49,24 @@ def full_fp32(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def local_elements(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of ``tensor``: all of it, or under ZeRO-3 its partition without the padding.
+
+    ZeRO-3 pads a parameter to a multiple of the ranks and allocates each partition with ``torch.empty``;
+    the last ranks' tails are never written, so they hold whatever memory was there, NaN bit patterns
+    included (in bf16 about one pattern in 256 is NaN or inf). Only the first ``ds_numel - start``
+    elements of a partition belong to the parameter.
+    """
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is None:
+        return tensor
+    start = partition.ds_numel * tensor.ds_zero_partition_rank
+    return partition.narrow(0, 0, max(0, min(partition.ds_numel, tensor.ds_numel - start)))
+
+
 def _all_finite(tensors) -> bool:
     """Whether every element of this rank's share of ``tensors`` is finite (ZeRO-3: its partitions)."""
-    local = [getattr(t, "ds_tensor", t) for t in tensors]
-    return all(bool(torch.isfinite(t).all()) for t in local if t.numel())
+    return all(bool(torch.isfinite(t).all()) for t in map(local_elements, tensors) if t.numel())
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> None:
